@@ -1,0 +1,222 @@
+"""Multi-head attention over packed tokens (spec step 6).
+
+A token attends to the tokens of its own segment (its image's chunk, see ``spa.packing``), never to
+padding, optionally restricted further by a pair mask (Swin's shifted-window regions) and shifted by a
+per-pair additive bias (relative position bias). Both hooks are functions of the slots' ``position``
+(their index in the visiting order) so every backend, and the loop-based reference, can call them.
+
+Backends:
+    ``sdpa``       one ``F.scaled_dot_product_attention`` call over all containers with a mask (CPU default).
+    ``varlen``     FlexAttention on CUDA (block-sparse kernel with the same mask and bias).
+    ``reference``  explicit loops over images and chunks, written from the spec, for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spa.packing import Packed
+
+__all__ = ["BACKENDS", "PackedAttention", "PairBias", "PairMask", "allowed_pairs", "packed_attention"]
+
+BACKENDS = ("sdpa", "varlen", "reference")
+
+PairBias = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""``position`` ``[K, S]`` -> additive bias ``[K, heads, S, S]`` or None (padding positions are ``-1``)."""
+PairMask = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""``position`` ``[K, S]`` -> bool ``[K, S, S]`` (True where query ``i`` may see key ``j``) or None."""
+
+
+def _call(hook, position: torch.Tensor) -> torch.Tensor | None:
+    return None if hook is None else hook(position)
+
+
+def allowed_pairs(segment: torch.Tensor, pair_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool ``[K, S, S]``: same segment, not padding, and ``pair_mask``; padding rows see only themselves.
+
+    Padding rows get their own diagonal so that no softmax row is empty (their outputs are discarded).
+    """
+    real = segment >= 0
+    allowed = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]
+    if pair_mask is not None:
+        allowed = allowed & pair_mask
+    eye = torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device)
+    return allowed | (eye & ~real[:, :, None])
+
+
+def _sdpa(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale: float | None):
+    allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))[:, None]  # K, 1, S, S
+    bias = _call(pair_bias, packed.position)
+    attn_mask = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def _varlen(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale: float | None):
+    if q.device.type != "cuda":
+        raise RuntimeError(
+            "attention backend 'varlen' needs a CUDA device (it runs FlexAttention kernels); "
+            f"got tensors on {q.device}. Use backend='sdpa' on CPU."
+        )
+    if dropout_p > 0:
+        raise ValueError("attention backend 'varlen' does not support attention dropout; use 'sdpa'")
+    return _flex(q, k, v, packed, pair_bias, pair_mask, scale)
+
+
+def _flex(q, k, v, packed: Packed, pair_bias, pair_mask, scale: float | None):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))
+    K, _, S, _ = q.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed[b, q_idx, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, K, None, S, S, device=q.device)
+    score_mod = None
+    bias = _call(pair_bias, packed.position)
+    if bias is not None:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, h, q_idx, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+def _reference(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale: float | None):
+    """Loops over images and their chunks, rebuilt from ``image``/``position`` and the spec's chunk rule."""
+    if dropout_p > 0:
+        raise ValueError("the reference backend does not support attention dropout")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    K, H, S, D = q.shape
+    q_flat, k_flat, v_flat = (t.transpose(1, 2).reshape(K * S, H, D) for t in (q, k, v))
+    out = torch.zeros_like(q_flat)
+    image = packed.image.reshape(-1).tolist()
+    position = packed.position.reshape(-1).tolist()
+    container = [i // S for i in range(K * S)]
+    real = packed.slot_index.tolist() if packed.layout == "masked" else range(K * S)
+    per_image: dict[int, list[tuple[int, int]]] = {}
+    for slot in real:
+        if image[slot] >= 0:
+            per_image.setdefault(image[slot], []).append((position[slot], slot))
+    for _, members in sorted(per_image.items()):
+        members.sort()  # visiting order of this image's kept tokens
+        if packed.layout == "stream":  # the paper's chunks: whatever shares the container
+            groups: dict[int, list[tuple[int, int]]] = {}
+            for pos, slot in members:
+                groups.setdefault(container[slot], []).append((pos, slot))
+            chunks = list(groups.values())
+        else:
+            L = packed.length
+            chunks = [members[i : i + L] for i in range(0, len(members), L)]
+        for chunk in chunks:
+            slots = torch.tensor([s for _, s in chunk], device=q.device)
+            pos = torch.tensor([p for p, _ in chunk], device=q.device)[None]
+            qc, kc, vc = q_flat[slots], k_flat[slots], v_flat[slots]  # n, H, D
+            logits = torch.einsum("ihd,jhd->hij", qc, kc) * scale
+            bias, mask = _call(pair_bias, pos), _call(pair_mask, pos)
+            if bias is not None:
+                logits = logits + bias[0]
+            if mask is not None:
+                logits = logits.masked_fill(~mask[0][None], float("-inf"))
+            weights = logits.softmax(-1)
+            out = out.index_put((slots,), torch.einsum("hij,jhd->ihd", weights, vc))
+    return out.view(K, S, H, D).transpose(1, 2)
+
+
+_BACKEND_FNS = {"sdpa": _sdpa, "varlen": _varlen, "reference": _reference}
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packed: Packed,
+    pair_bias: PairBias | None = None,
+    pair_mask: PairMask | None = None,
+    backend: str = "sdpa",
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``q, k, v`` ``[K, heads, S, D]`` laid out as ``packed``; returns ``[K, heads, S, D]``.
+
+    Outputs in padding slots are unspecified (``unpack`` drops them).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if q.dim() != 4 or q.shape[0] != packed.num_containers or q.shape[2] != packed.image.shape[1]:
+        raise ValueError(
+            f"q must be [K, heads, S, D] with K={packed.num_containers}, S={packed.image.shape[1]}; "
+            f"got {tuple(q.shape)}"
+        )
+    if packed.num_containers == 0:
+        return q
+    return _BACKEND_FNS[backend](q, k, v, packed, pair_bias, pair_mask, dropout_p, scale)
+
+
+class PackedAttention(nn.Module):
+    """Multi-head self-attention over packed tokens; parameter names follow timm's ``WindowAttention``.
+
+    Args:
+        dim: token channels.
+        num_heads: attention heads.
+        head_dim: channels per head (default ``dim // num_heads``).
+        qkv_bias: bias in the ``qkv`` projection.
+        attn_drop: attention dropout (``sdpa`` only).
+        proj_drop: dropout after the output projection.
+        backend: ``sdpa``, ``varlen`` (CUDA) or ``reference``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim or dim // num_heads
+        attn_dim = self.head_dim * num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(attn_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        packed: Packed,
+        pair_bias: PairBias | None = None,
+        pair_mask: PairMask | None = None,
+    ) -> torch.Tensor:
+        """``x``: ``[K, S, C]`` tokens laid out as ``packed``; returns ``[K, S, C]``.
+
+        ``pair_bias`` and ``pair_mask`` are the optional hooks described in the module docstring.
+        """
+        K, S, _ = x.shape
+        if K == 0:
+            return self.proj(x.new_zeros(0, S, self.head_dim * self.num_heads))
+        qkv = self.qkv(x).reshape(K, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = packed_attention(
+            q,
+            k,
+            v,
+            packed,
+            pair_bias=pair_bias,
+            pair_mask=pair_mask,
+            backend=self.backend,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+        )
+        out = out.transpose(1, 2).reshape(K, S, -1)
+        return self.proj_drop(self.proj(out))

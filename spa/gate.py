@@ -1,0 +1,232 @@
+"""Token gate: a linear scorer, logit fusion and the hard keep decision (spec steps 1-3).
+
+The pure functions here take logits ``[B, N]`` and return bool keep masks ``[B, N]``; ``TokenGate`` wires
+them together for one SPA block. ``valid`` masks mark real tokens (padding tokens are never kept).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SELECT_MODES",
+    "GateDecision",
+    "TokenGate",
+    "enforce_min_keep",
+    "fuse_logits",
+    "gumbel_keep",
+    "keep_top",
+    "random_keep",
+    "threshold_keep",
+    "topk_keep",
+]
+
+SELECT_MODES = ("gate", "all", "topk", "random")
+
+
+def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {getattr(logits, 'dtype', type(logits))}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must be [B, N], got shape {tuple(logits.shape)}")
+    if torch.isnan(logits).any():
+        raise ValueError(f"{name} contain NaN: the gate cannot decide which tokens to keep")
+
+
+def _check_valid(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if valid is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+    if valid.shape != like.shape:
+        raise ValueError(f"valid must have shape {tuple(like.shape)}, got {tuple(valid.shape)}")
+    return valid
+
+
+def fuse_logits(own: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """Element-wise max of a block's own logits and the previous block's fused logits (spec step 1)."""
+    if previous is None:
+        return own
+    if previous.shape != own.shape:
+        raise ValueError(f"previous logits {tuple(previous.shape)} do not match own logits {tuple(own.shape)}")
+    return torch.maximum(own, previous)
+
+
+def threshold_keep(logits: torch.Tensor, threshold: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic decision used in eval: keep where ``sigmoid(logits) > threshold``."""
+    _check_logits(logits)
+    return (torch.sigmoid(logits) > threshold) & _check_valid(valid, logits)
+
+
+def gumbel_keep(
+    logits: torch.Tensor,
+    threshold: float,
+    temperature: float = 1.0,
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gumbel-perturbed decision used in training.
+
+    With keep/drop logits ``(s, 0)`` the two-class Gumbel-softmax keep probability is
+    ``sigmoid((s + g1 - g2) / T)``, and ``g1 - g2`` is logistic noise. Returns ``(keep, y)``: the hard mask
+    ``y > threshold`` and the perturbed soft sample ``y`` (used by the optional straight-through estimator).
+    """
+    _check_logits(logits)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    u = u.clamp(1e-6, 1 - 1e-6)
+    noise = torch.log(u) - torch.log1p(-u)
+    y = torch.sigmoid((logits + noise) / temperature)
+    return (y > threshold) & _check_valid(valid, logits), y
+
+
+def keep_top(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the ``counts[b]`` highest-scoring valid tokens of every image (ties broken by position)."""
+    valid = _check_valid(valid, scores)
+    scores = scores.detach().masked_fill(~valid, float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (ranks < counts.to(ranks.device)[:, None]) & valid
+
+
+def _ratio_counts(valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {ratio}")
+    return torch.ceil(valid.sum(1).double() * ratio).long()
+
+
+def topk_keep(logits: torch.Tensor, ratio: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform-ratio baseline: the gate's top ``ceil(ratio * n_valid)`` tokens of every image."""
+    _check_logits(logits)
+    valid = _check_valid(valid, logits)
+    return keep_top(logits, _ratio_counts(valid, ratio), valid)
+
+
+def random_keep(
+    valid: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``ceil(ratio * n_valid)`` uniformly random valid tokens of every image."""
+    scores = torch.rand(valid.shape, generator=generator, device=valid.device)
+    return keep_top(scores, _ratio_counts(valid, ratio), valid)
+
+
+def enforce_min_keep(
+    keep: torch.Tensor, logits: torch.Tensor, min_keep: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Add the best-scoring tokens to images that keep fewer than ``min_keep`` (at most all valid tokens)."""
+    if min_keep < 0:
+        raise ValueError(f"min_keep must be >= 0, got {min_keep}")
+    if min_keep == 0:
+        return keep
+    valid = _check_valid(valid, logits)
+    counts = valid.sum(1).clamp(max=min_keep)
+    return keep | keep_top(logits, counts, valid)
+
+
+class GateDecision(NamedTuple):
+    """Output of ``TokenGate``: all ``[B, N]``; ``soft`` is None when no soft factor applies."""
+
+    own_logits: torch.Tensor
+    fused_logits: torch.Tensor
+    keep: torch.Tensor
+    soft: torch.Tensor | None
+
+
+class TokenGate(nn.Module):
+    """Scores tokens with a linear ``C -> 1`` layer and decides which ones an SPA block keeps.
+
+    Args:
+        dim: token channels ``C``.
+        select: ``gate`` (threshold on the fused keep probability; Gumbel-perturbed in training),
+            ``all`` (keep every token, no soft factor: the block is a Swin block), ``topk`` (the gate's top
+            ``keep_ratio`` of every image) or ``random`` (``keep_ratio`` random tokens of every image).
+        keep_threshold: keep where the (perturbed) keep probability exceeds this.
+        temperature: Gumbel temperature in training.
+        keep_ratio: ratio for ``topk`` and ``random``.
+        min_keep: keep at least this many tokens per image (default 0: an image may keep none).
+        straight_through: pass the hard decision's gradient to the logits through the soft sample.
+        init_keep_prob: initial keep probability; the scorer's bias starts at its logit.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        select: str = "gate",
+        keep_threshold: float = 0.3,
+        temperature: float = 1.0,
+        keep_ratio: float = 0.5,
+        min_keep: int = 0,
+        straight_through: bool = False,
+        init_keep_prob: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if select not in SELECT_MODES:
+            raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
+        if not 0.0 < keep_threshold < 1.0:
+            raise ValueError(f"keep_threshold must be in (0, 1), got {keep_threshold}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if min_keep < 0:
+            raise ValueError(f"min_keep must be >= 0, got {min_keep}")
+        if not 0.0 < init_keep_prob < 1.0:
+            raise ValueError(f"init_keep_prob must be in (0, 1), got {init_keep_prob}")
+        self.select = select
+        self.keep_threshold = keep_threshold
+        self.temperature = temperature
+        self.keep_ratio = keep_ratio
+        self.min_keep = min_keep
+        self.straight_through = straight_through
+        self.init_keep_prob = init_keep_prob
+        self.proj = nn.Linear(dim, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.constant_(self.proj.bias, math.log(self.init_keep_prob / (1.0 - self.init_keep_prob)))
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Own logits ``[B, N]`` of tokens ``x`` ``[B, N, C]``."""
+        return self.proj(x).squeeze(-1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        previous_logits: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> GateDecision:
+        own = self.score(x)
+        fused = fuse_logits(own, previous_logits)
+        valid = _check_valid(valid, own)
+        soft: torch.Tensor | None = None
+        if self.select == "all":
+            keep = valid.clone()
+            return GateDecision(own, fused, keep, None)
+        if self.select == "gate":
+            if self.training:
+                keep, sample = gumbel_keep(fused, self.keep_threshold, self.temperature, valid)
+            else:
+                keep, sample = threshold_keep(fused, self.keep_threshold, valid), torch.sigmoid(fused)
+        elif self.select == "topk":
+            keep, sample = topk_keep(fused, self.keep_ratio, valid), torch.sigmoid(fused)
+        else:
+            _check_logits(fused)
+            keep, sample = random_keep(valid, self.keep_ratio), torch.sigmoid(fused)
+        keep = enforce_min_keep(keep, fused, self.min_keep, valid)
+        soft = torch.sigmoid(fused)
+        if self.straight_through:
+            soft = soft * (1.0 + sample - sample.detach())
+        return GateDecision(own, fused, keep, soft)
+
+    def extra_repr(self) -> str:
+        return (
+            f"select={self.select!r}, keep_threshold={self.keep_threshold}, temperature={self.temperature}, "
+            f"keep_ratio={self.keep_ratio}, min_keep={self.min_keep}, straight_through={self.straight_through}"
+        )

@@ -1,0 +1,285 @@
+"""The SPA block: gate -> pack -> windowed attention on kept tokens -> FFN -> unpack (spec steps 1-8).
+
+Parameter names match timm's ``SwinTransformerBlock`` (``norm1``, ``attn.qkv``, ``attn.proj``,
+``attn.relative_position_bias_table``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``), plus ``gate.proj``, so Swin
+weights load directly. With ``select='all'`` and a map that is a multiple of the window, every chunk is
+exactly one (shifted) window and the block computes exactly Swin's W-MSA / SW-MSA block, through the
+same packed code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import Mlp, trunc_normal_
+from torch import nn
+
+from spa.attention import PackedAttention
+from spa.gate import TokenGate
+from spa.packing import LAYOUTS, Packed, pack
+from spa.selection import Selection
+
+__all__ = ["PackedWindowAttention", "SPABlock", "WindowGeometry", "window_geometry", "window_shift"]
+
+FFN_MODES = ("kept", "all")
+
+
+def window_shift(
+    resolution: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """timm's size rule: the window shrinks to a smaller map; no shift where the map fits in the window."""
+    win = tuple(r if r <= w else w for r, w in zip(resolution, window))
+    sh = tuple(0 if r <= w else s for r, w, s in zip(resolution, win, shift))
+    return win, sh  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """Where the tokens of an ``H x W`` map go in (shifted) window order.
+
+    Attributes:
+        order: ``[H*W]`` flat image-frame index of each token, in window order of the rolled frame
+            (windows row by row, tokens row by row inside a window; padding positions skipped).
+        coords: ``[H*W, 2]`` rolled-frame ``(row, col)`` of each entry of ``order``.
+        region: ``[H*W]`` Swin shifted-window region label of each entry (all 0 without shift).
+        window: window ``(h, w)`` after the size rule.
+        shift: shift ``(h, w)`` after the size rule.
+    """
+
+    order: torch.Tensor
+    coords: torch.Tensor
+    region: torch.Tensor
+    window: tuple[int, int]
+    shift: tuple[int, int]
+
+
+def _region_labels(size: int, window: int, shift: int) -> torch.Tensor:
+    labels = torch.zeros(size, dtype=torch.long)
+    if shift:
+        labels[size - window : size - shift] = 1
+        labels[size - shift :] = 2
+    return labels
+
+
+def window_geometry(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device | None = None
+) -> WindowGeometry:
+    """Window order, rolled-frame coordinates and region labels of an ``height x width`` map.
+
+    ``window`` and ``shift`` are used as given (apply ``window_shift`` first for timm's size rule).
+    """
+    wh, ww = window
+    sh, sw = shift
+    hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
+    rows = torch.arange(hp).view(hp // wh, 1, wh, 1).expand(hp // wh, wp // ww, wh, ww).reshape(-1)
+    cols = torch.arange(wp).view(1, wp // ww, 1, ww).expand(hp // wh, wp // ww, wh, ww).reshape(-1)
+    real = (rows < height) & (cols < width)
+    rows, cols = rows[real], cols[real]
+    order = ((rows + sh) % height) * width + (cols + sw) % width
+    region = _region_labels(hp, wh, sh)[rows] * 3 + _region_labels(wp, ww, sw)[cols]
+    return WindowGeometry(
+        order=order.to(device),
+        coords=torch.stack([rows, cols], 1).to(device),
+        region=region.to(device),
+        window=(wh, ww),
+        shift=(sh, sw),
+    )
+
+
+class PackedWindowAttention(PackedAttention):
+    """``PackedAttention`` with Swin's relative position bias table.
+
+    The bias of a pair comes from the tokens' ``(row, col)`` offset in the rolled frame, clipped to the
+    table's range ``[-(M-1), M-1]`` (tokens of one chunk can come from neighbouring windows).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: tuple[int, int], **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.window = window
+        wh, ww = window
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self, coords: torch.Tensor) -> torch.Tensor:
+        """``coords`` ``[K, S, 2]`` -> bias ``[K, heads, S, S]``."""
+        wh, ww = self.window
+        delta = coords[:, :, None, :] - coords[:, None, :, :]
+        dh = delta[..., 0].clamp(-(wh - 1), wh - 1) + (wh - 1)
+        dw = delta[..., 1].clamp(-(ww - 1), ww - 1) + (ww - 1)
+        index = dh * (2 * ww - 1) + dw
+        return self.relative_position_bias_table[index].permute(0, 3, 1, 2)
+
+
+class SPABlock(nn.Module):
+    """Select and Pack Attention block (pre-norm, Swin-style, windowed).
+
+    For a kept token ``t``: ``y = t + sigmoid(s_t) * Attn_packed(LN1(t))`` and ``out = y + MLP(LN2(y))``;
+    an unselected token passes through bit-identical (or gets ``x + MLP(LN2(x))`` with ``ffn='all'``).
+
+    Args:
+        dim: channels.
+        input_resolution: nominal ``(H, W)`` of the map, for the window/shift size rule (other sizes work:
+            the rule is re-applied to the actual map in ``forward``).
+        num_heads: attention heads.
+        window_size: Swin window ``M``.
+        shift_size: cyclic shift (0 or ``M // 2``).
+        mlp_ratio, qkv_bias, proj_drop, attn_drop, drop_path: as timm's Swin block.
+        select, keep_threshold, temperature, keep_ratio, min_keep, straight_through, init_keep_prob:
+            passed to ``TokenGate``.
+        layout: packing layout (``containers``, ``stream``, ``padded``, ``masked``).
+        ffn: ``kept`` (FFN only on kept tokens) or ``all``.
+        backend: attention backend (``sdpa``, ``varlen``, ``reference``).
+        stage, block, stride: written into the ``Selection`` record.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: tuple[int, int],
+        num_heads: int,
+        window_size: int = 7,
+        shift_size: int = 0,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        select: str = "gate",
+        keep_threshold: float = 0.3,
+        temperature: float = 1.0,
+        keep_ratio: float = 0.5,
+        min_keep: int = 0,
+        straight_through: bool = False,
+        init_keep_prob: float = 0.5,
+        layout: str = "containers",
+        ffn: str = "kept",
+        backend: str = "sdpa",
+        stage: int = 0,
+        block: int = 0,
+        stride: int = 16,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if ffn not in FFN_MODES:
+            raise ValueError(f"ffn must be one of {FFN_MODES}, got {ffn!r}")
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.target_window = (window_size, window_size)
+        self.target_shift = (shift_size, shift_size)
+        self.window_size, self.shift_size = window_shift(self.input_resolution, self.target_window, self.target_shift)
+        self.layout = layout
+        self.ffn = ffn
+        self.stage, self.block, self.stride = stage, block, stride
+        self.drop_path = drop_path
+        self.gate = TokenGate(
+            dim,
+            select=select,
+            keep_threshold=keep_threshold,
+            temperature=temperature,
+            keep_ratio=keep_ratio,
+            min_keep=min_keep,
+            straight_through=straight_through,
+            init_keep_prob=init_keep_prob,
+        )
+        self.norm1 = norm_layer(dim)
+        self.attn = PackedWindowAttention(
+            dim, num_heads, self.window_size, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+            backend=backend,
+        )  # fmt: skip
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self._geometry_cache: dict[tuple, WindowGeometry] = {}
+        self.last_packed: Packed | None = None  # the plan of the latest forward, for inspection and FLOPs
+
+    def geometry(self, height: int, width: int, device: torch.device) -> WindowGeometry:
+        """Window geometry of an ``height x width`` map (cached)."""
+        key = (height, width, str(device))
+        if key not in self._geometry_cache:
+            window, shift = window_shift((height, width), self.target_window, self.target_shift)
+            if window != self.window_size:
+                raise ValueError(
+                    f"a {height}x{width} map needs window {window}, but this block's bias table was built for "
+                    f"{self.window_size}; build the model for this input size"
+                )
+            self._geometry_cache[key] = window_geometry(height, width, window, shift, device)
+        return self._geometry_cache[key]
+
+    def _per_image_drop_path(self, batch_size: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Stochastic depth scale per image ``[B]`` (None when inactive)."""
+        if not self.training or self.drop_path == 0.0:
+            return None
+        keep_prob = 1.0 - self.drop_path
+        return like.new_empty(batch_size).bernoulli_(keep_prob).div_(keep_prob)
+
+    def forward(
+        self, x: torch.Tensor, previous_logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Selection]:
+        """``x``: ``[B, H, W, C]``; ``previous_logits``: the previous SPA block's fused logits ``[B, H, W]``.
+
+        Returns the output map ``[B, H, W, C]`` and this block's ``Selection``.
+        """
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"SPABlock expects [B, H, W, {self.dim}] input, got {tuple(x.shape)}")
+        B, H, W, C = x.shape
+        geometry = self.geometry(H, W, x.device)
+        tokens = x.reshape(B, H * W, C)
+        previous = None if previous_logits is None else previous_logits.reshape(B, H * W)
+        decision = self.gate(tokens, previous)
+        packed = pack(tokens, decision.keep, self.window_size[0] * self.window_size[1], self.layout, geometry.order)
+        self.last_packed = packed
+        out = tokens
+        if packed.num_kept:
+            out = packed.unpack(self._kept_update(packed, decision.soft, geometry), fill=tokens)
+        if self.ffn == "all":
+            out = self._ffn_on_unkept(out, decision.keep)
+        selection = Selection(
+            own_logits=decision.own_logits.view(B, H, W),
+            fused_logits=decision.fused_logits.view(B, H, W),
+            keep=decision.keep.view(B, H, W),
+            stage=self.stage,
+            block=self.block,
+            stride=self.stride,
+        )
+        return out.view(B, H, W, C), selection
+
+    def _kept_update(self, packed: Packed, soft: torch.Tensor | None, geometry: WindowGeometry) -> torch.Tensor:
+        """Attention + FFN on the packed tokens: ``[K, S, C]`` -> ``[K, S, C]``."""
+        xs = packed.tokens
+
+        def pair_bias(position: torch.Tensor) -> torch.Tensor:
+            return self.attn.relative_position_bias(geometry.coords[position.clamp(min=0)])
+
+        def pair_mask(position: torch.Tensor) -> torch.Tensor | None:
+            if not any(geometry.shift):
+                return None
+            region = geometry.region[position.clamp(min=0)]
+            return region[:, :, None] == region[:, None, :]
+
+        update = self.attn(self.norm1(xs), packed, pair_bias=pair_bias, pair_mask=pair_mask)
+        if soft is not None:
+            update = update * packed.gather(soft)[..., None]
+        scale = self._per_image_drop_path(packed.batch_size, xs)
+        if scale is not None:
+            slot_scale = scale[packed.image.clamp(min=0)][..., None]
+            y = xs + update * slot_scale
+            return y + self.mlp(self.norm2(y)) * slot_scale
+        y = xs + update
+        return y + self.mlp(self.norm2(y))
+
+    def _ffn_on_unkept(self, out: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``ffn='all'``: unselected tokens get ``x + MLP(LN2(x))``."""
+        B, N, C = out.shape
+        index = (~keep).reshape(-1).nonzero().squeeze(1)
+        if index.numel() == 0:
+            return out
+        flat = out.reshape(B * N, C)
+        rest = flat.index_select(0, index)
+        update = self.mlp(self.norm2(rest))
+        scale = self._per_image_drop_path(B, out)
+        if scale is not None:
+            update = update * scale[index // N][:, None]
+        return flat.index_copy(0, index, rest + update).view(B, N, C)

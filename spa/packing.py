@@ -1,0 +1,261 @@
+"""Pack the kept tokens of a batch into dense fixed-length containers, and scatter results back.
+
+``pack(x, keep, length=L, layout=...)`` visits every image's tokens in ``order`` (Swin window order in an
+SPA block), cuts each image's kept tokens into chunks of ``L`` and lays them into containers of ``L``
+slots. Attention then runs per container, a token seeing only the tokens of its own *segment* (its
+image's chunk). Layouts (``docs``: the method spec, "Memory layouts") change cost, never results, except
+``stream``:
+
+``containers`` (default, batch-invariant)
+    every full chunk gets a container of its own; the images' last partial chunks share containers by
+    first-fit decreasing, never split. An image's output does not depend on the rest of the batch.
+``stream``
+    the paper's order: all kept tokens of the batch one after another, cut every ``L`` slots, so a
+    container may hold the tail of one image and the head of the next (a per-image mask keeps them apart)
+    and only the last container is padded. An image's chunking depends on the images before it.
+``padded``
+    SparseViT-style cost: every image gets the batch's largest number of containers.
+``masked``
+    DynamicViT-style cost: no gather; all ``N`` tokens of every image stay in place (``[B, N, C]``) and
+    unkept tokens are computed but discarded.
+
+Everything here is pure (no module state) so it can be property-tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LAYOUTS", "Packed", "pack"]
+
+LAYOUTS = ("containers", "stream", "padded", "masked")
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Kept tokens laid into ``K`` containers of ``S`` slots, with where every slot came from.
+
+    ``S`` is the chunk length ``L`` for every layout but ``masked`` (``K = B``, ``S = N``). All index
+    tensors are ``[K, S]`` long with ``-1`` in padding slots.
+
+    Attributes:
+        tokens: ``[K, S, C]`` packed tokens (zeros in padding slots; for ``masked`` the input itself).
+        image: source image of every slot.
+        position: index of the slot's token in the visiting sequence (``order``), e.g. its place in window
+            order; attention hooks look up coordinates with it.
+        segment: tokens attend to each other only if their segment ids are equal (same image and chunk).
+        source: flat source position ``b * N + n`` of every slot.
+        slot_index: ``[T]`` flat slot ``k * S + s`` of each of the ``T`` kept tokens.
+        source_index: ``[T]`` flat source position of each kept token, aligned with ``slot_index``.
+        layout: the layout name.
+        batch_size: ``B``.
+        num_tokens: ``N``, tokens per image in the unpacked input.
+        length: chunk length ``L``.
+    """
+
+    tokens: torch.Tensor
+    image: torch.Tensor
+    position: torch.Tensor
+    segment: torch.Tensor
+    source: torch.Tensor
+    slot_index: torch.Tensor
+    source_index: torch.Tensor
+    layout: str
+    batch_size: int
+    num_tokens: int
+    length: int
+
+    @property
+    def num_containers(self) -> int:
+        """``K``: number of containers attention runs over (0 when nothing is kept)."""
+        return self.image.shape[0]
+
+    @property
+    def num_kept(self) -> int:
+        """``T``: number of kept tokens in the whole batch."""
+        return self.slot_index.numel()
+
+    @property
+    def padding_fraction(self) -> float:
+        """Padded (or, for ``masked``, computed but discarded) slots over all slots; 0 when empty."""
+        slots = self.image.numel()
+        return 0.0 if slots == 0 else 1.0 - self.num_kept / slots
+
+    def gather(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Pack another per-token tensor (``[B, N]`` or ``[B, N, D]``) with this plan.
+
+        Padding slots take ``fill``. For ``masked`` the values are returned in place (unkept included).
+        """
+        B, N = self.batch_size, self.num_tokens
+        if values.shape[:2] != (B, N):
+            raise ValueError(f"values must start with [B, N] = [{B}, {N}], got {tuple(values.shape)}")
+        if self.layout == "masked":
+            return values
+        K, S = self.image.shape
+        tail = values.shape[2:]
+        flat = values.reshape(B * N, *tail)
+        out = flat.new_full((K * S, *tail), fill)
+        out = out.index_copy(0, self.slot_index, flat.index_select(0, self.source_index))
+        return out.view(K, S, *tail)
+
+    def unpack(self, y: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Scatter per-slot results ``y`` ``[K, S, D]`` back to ``[B, N, D]``.
+
+        Unkept positions take ``fill``: a number, or a ``[B, N, D]`` tensor (e.g. the block input, so that
+        unselected tokens pass through bit-identical). Differentiable with respect to ``y`` and ``fill``.
+        """
+        B, N = self.batch_size, self.num_tokens
+        K, S = self.image.shape
+        if y.dim() != 3 or y.shape[:2] != (K, S):
+            raise ValueError(f"y must be [K, S, D] = [{K}, {S}, D], got {tuple(y.shape)}")
+        D = y.shape[-1]
+        if isinstance(fill, torch.Tensor):
+            if fill.shape != (B, N, D):
+                raise ValueError(f"fill must be [B, N, D] = [{B}, {N}, {D}], got {tuple(fill.shape)}")
+            base = fill.reshape(B * N, D)
+        else:
+            base = y.new_full((B * N, D), float(fill))
+        values = y.reshape(K * S, D).index_select(0, self.slot_index)
+        return base.index_copy(0, self.source_index, values).view(B, N, D)
+
+
+def _check_inputs(
+    x: torch.Tensor, keep: torch.Tensor, length: int, layout: str, order: torch.Tensor | None
+) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a [B, N, C] tensor, got {getattr(x, 'shape', type(x))}")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool tensor, got {getattr(keep, 'dtype', type(keep))}")
+    if keep.shape != x.shape[:2]:
+        raise ValueError(f"keep must have shape [B, N] = {list(x.shape[:2])}, got {list(keep.shape)}")
+    if keep.device != x.device:
+        raise ValueError(f"keep is on {keep.device} but x is on {x.device}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be an int >= 1, got {length!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if order is not None:
+        if order.dtype != torch.long or order.dim() != 1:
+            raise TypeError(f"order must be a 1-D long tensor, got {order.dtype} of shape {tuple(order.shape)}")
+        if order.device != x.device:
+            raise ValueError(f"order is on {order.device} but x is on {x.device}")
+        N = x.shape[1]
+        if order.numel() > N or (order.numel() and (order.min() < 0 or order.max() >= N)):
+            raise ValueError(f"order must hold distinct token indices in [0, {N})")
+        if order.numel() and torch.bincount(order, minlength=N).max() > 1:
+            raise ValueError("order must not repeat a token index")
+
+
+def _first_fit_decreasing(sizes: list[int], capacity: int) -> tuple[list[int], list[int], int]:
+    """Bin of and offset in the bin for every size (0-sized items get bin -1); returns also the bin count."""
+    bins_free: list[int] = []
+    where = [-1] * len(sizes)
+    offset = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        size = sizes[i]
+        if size == 0:
+            continue
+        for j, free in enumerate(bins_free):
+            if free >= size:
+                break
+        else:
+            j = len(bins_free)
+            bins_free.append(capacity)
+        where[i], offset[i] = j, capacity - bins_free[j]
+        bins_free[j] -= size
+    return where, offset, len(bins_free)
+
+
+def pack(
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    length: int,
+    layout: str = "containers",
+    order: torch.Tensor | None = None,
+) -> Packed:
+    """Pack the kept tokens of ``x`` ``[B, N, C]`` (``keep`` ``[B, N]`` bool) into containers of ``length``.
+
+    Args:
+        x: tokens of every image.
+        keep: which tokens to keep.
+        length: chunk (and container) length ``L``.
+        layout: ``containers`` (default), ``stream``, ``padded`` or ``masked``; see the module docstring.
+        order: visiting order of the tokens (indices into ``N``), e.g. Swin window order; tokens not in it
+            must not be kept. Default: ``0..N-1``.
+
+    Returns:
+        A ``Packed`` with the tokens and the plan to ``unpack`` results. Zero kept tokens give zero
+        containers.
+    """
+    _check_inputs(x, keep, length, layout, order)
+    B, N, C = x.shape
+    device = x.device
+    seq_keep = keep if order is None else keep[:, order]
+    counts_t = seq_keep.sum(1)
+    if int(counts_t.sum()) != int(keep.sum()):
+        raise ValueError("keep marks tokens that are not in order")
+    counts = counts_t.tolist()
+    batch_idx, seq_pos = seq_keep.nonzero(as_tuple=True)  # row-major: image by image, in visiting order
+    token_idx = seq_pos if order is None else order[seq_pos]
+    total = batch_idx.numel()
+    starts = torch.tensor([0] + counts[:-1], device=device, dtype=torch.long).cumsum(0)
+    rank = torch.arange(total, device=device) - starts[batch_idx]
+    chunk, offset = rank // length, rank % length
+    chunks_per_image = N // length + 1
+    segment = batch_idx * chunks_per_image + chunk
+    slots = length
+
+    if layout == "containers":
+        full = [c // length for c in counts]
+        rest = [c % length for c in counts]
+        bins, bin_offset, num_bins = _first_fit_decreasing(rest, length)
+        num_full = sum(full)
+        full_base = torch.tensor([0, *full[:-1]], device=device, dtype=torch.long).cumsum(0)
+        full_t = torch.tensor(full, device=device, dtype=torch.long)
+        in_full = chunk < full_t[batch_idx]
+        part_bin = torch.tensor(bins, device=device, dtype=torch.long) + num_full
+        part_off = torch.tensor(bin_offset, device=device, dtype=torch.long)
+        container = torch.where(in_full, full_base[batch_idx] + chunk, part_bin[batch_idx])
+        slot = torch.where(in_full, offset, part_off[batch_idx] + offset)
+        num_containers = num_full + num_bins
+    elif layout == "stream":
+        flat_rank = torch.arange(total, device=device)
+        container, slot = flat_rank // length, flat_rank % length
+        segment = container * B + batch_idx
+        num_containers = -(-total // length)
+    elif layout == "padded":
+        per_image = max((-(-c // length) for c in counts), default=0)
+        container, slot = batch_idx * per_image + chunk, offset
+        num_containers = B * per_image if total else 0
+    else:  # masked: no gather, tokens stay where they are
+        container, slot = batch_idx, token_idx
+        num_containers, slots = B, N
+
+    dest = container * slots + slot
+    source = batch_idx * N + token_idx
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        out = torch.full((num_containers * slots,), -1, device=device, dtype=torch.long)
+        return out.index_copy(0, dest, values).view(num_containers, slots)
+
+    if layout == "masked":
+        tokens = x
+    else:
+        tokens = x.new_zeros(num_containers * slots, C)
+        tokens = tokens.index_copy(0, dest, x.reshape(B * N, C).index_select(0, source))
+        tokens = tokens.view(num_containers, slots, C)
+    return Packed(
+        tokens=tokens,
+        image=scatter(batch_idx),
+        position=scatter(seq_pos),
+        segment=scatter(segment),
+        source=scatter(source),
+        slot_index=dest,
+        source_index=source,
+        layout=layout,
+        batch_size=B,
+        num_tokens=N,
+        length=length,
+    )
