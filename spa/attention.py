@@ -199,15 +199,30 @@ class PackedAttention(nn.Module):
         pair_bias: PairBias | None = None,
         pair_mask: PairMask | None = None,
     ) -> torch.Tensor:
-        """``x``: ``[K, S, C]`` tokens laid out as ``packed``; returns ``[K, S, C]``.
+        """Attention over ``x`` laid out as ``packed``.
 
-        ``pair_bias`` and ``pair_mask`` are the optional hooks described in the module docstring.
+        ``x`` is either the rows ``[R, C]`` of the kept tokens (``packed.select(...)``: the projections run
+        on kept tokens only and padding exists only inside attention; returns ``[R, C]``) or per-slot
+        tokens ``[K, S, C]`` (returns ``[K, S, C]``). ``pair_bias`` and ``pair_mask`` are the optional
+        hooks described in the module docstring.
         """
-        K, S, _ = x.shape
+        if x.dim() == 2:
+            qkv = packed.to_slots(self.qkv(x))
+            return self.proj_drop(
+                self.proj(packed.from_slots(self._attend(qkv, packed, pair_bias, pair_mask)))
+            )
+        if x.dim() != 3:
+            raise ValueError(f"x must be [R, C] rows or [K, S, C] slots, got {tuple(x.shape)}")
+        return self.proj_drop(self.proj(self._attend(self.qkv(x), packed, pair_bias, pair_mask)))
+
+    def _attend(
+        self, qkv: torch.Tensor, packed: Packed, pair_bias: PairBias | None, pair_mask: PairMask | None
+    ) -> torch.Tensor:
+        """``qkv`` ``[K, S, 3 * heads * D]`` -> attention output ``[K, S, heads * D]``."""
+        K, S, _ = qkv.shape
         if K == 0:
-            return self.proj(x.new_zeros(0, S, self.head_dim * self.num_heads))
-        qkv = self.qkv(x).reshape(K, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+            return qkv.new_zeros(0, S, self.num_heads * self.head_dim)
+        q, k, v = qkv.reshape(K, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = packed_attention(
             q,
             k,
@@ -218,5 +233,4 @@ class PackedAttention(nn.Module):
             backend=self.backend,
             dropout_p=self.attn_drop.p if self.training else 0.0,
         )
-        out = out.transpose(1, 2).reshape(K, S, -1)
-        return self.proj_drop(self.proj(out))
+        return out.transpose(1, 2).reshape(K, S, -1)

@@ -24,7 +24,7 @@ Everything here is pure (no module state) so it can be property-tested.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,42 +83,83 @@ class Packed:
         slots = self.image.numel()
         return 0.0 if slots == 0 else 1.0 - self.num_kept / slots
 
-    def gather(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """Pack another per-token tensor (``[B, N]`` or ``[B, N, D]``) with this plan.
+    @property
+    def num_rows(self) -> int:
+        """``R``: rows the block computes on: kept tokens, or all ``B * N`` tokens for ``masked``."""
+        return self.batch_size * self.num_tokens if self.layout == "masked" else self.num_kept
 
-        Padding slots take ``fill``. For ``masked`` the values are returned in place (unkept included).
-        """
+    def select(self, values: torch.Tensor) -> torch.Tensor:
+        """Rows ``[R, ...]`` of a per-token tensor ``[B, N, ...]``: the kept tokens, image by image in
+        visiting order (for ``masked``: every token, in place). Linear layers and the FFN run on these
+        rows, so padding exists only inside attention (``to_slots``)."""
         B, N = self.batch_size, self.num_tokens
         if values.shape[:2] != (B, N):
             raise ValueError(f"values must start with [B, N] = [{B}, {N}], got {tuple(values.shape)}")
+        flat = values.reshape(B * N, *values.shape[2:])
+        return flat if self.layout == "masked" else flat.index_select(0, self.source_index)
+
+    def to_slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """Lay rows ``[R, D]`` into the containers: ``[K, S, D]``, zeros in padding slots."""
+        self._check_rows(rows)
+        K, S = self.image.shape
         if self.layout == "masked":
-            return values
+            return rows.view(K, S, *rows.shape[1:])
+        out = rows.new_zeros(K * S, *rows.shape[1:])
+        return out.index_copy(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
+
+    def from_slots(self, y: torch.Tensor) -> torch.Tensor:
+        """Rows ``[R, D]`` of per-slot values ``[K, S, D]`` (the inverse of ``to_slots``)."""
         K, S = self.image.shape
-        tail = values.shape[2:]
-        flat = values.reshape(B * N, *tail)
-        out = flat.new_full((K * S, *tail), fill)
-        out = out.index_copy(0, self.slot_index, flat.index_select(0, self.source_index))
-        return out.view(K, S, *tail)
+        if y.shape[:2] != (K, S):
+            raise ValueError(f"y must start with [K, S] = [{K}, {S}], got {tuple(y.shape)}")
+        flat = y.reshape(K * S, *y.shape[2:])
+        return flat if self.layout == "masked" else flat.index_select(0, self.slot_index)
 
-    def unpack(self, y: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
-        """Scatter per-slot results ``y`` ``[K, S, D]`` back to ``[B, N, D]``.
+    def scatter_rows(self, rows: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Write rows ``[R, D]`` back to ``[B, N, D]``; tokens that were not kept take ``fill``.
 
-        Unkept positions take ``fill``: a number, or a ``[B, N, D]`` tensor (e.g. the block input, so that
-        unselected tokens pass through bit-identical). Differentiable with respect to ``y`` and ``fill``.
+        ``fill`` is a number or a ``[B, N, D]`` tensor (e.g. the block input, so unselected tokens pass
+        through bit-identical). Differentiable with respect to ``rows`` and ``fill``.
         """
+        self._check_rows(rows)
         B, N = self.batch_size, self.num_tokens
-        K, S = self.image.shape
-        if y.dim() != 3 or y.shape[:2] != (K, S):
-            raise ValueError(f"y must be [K, S, D] = [{K}, {S}, D], got {tuple(y.shape)}")
-        D = y.shape[-1]
+        D = rows.shape[-1]
         if isinstance(fill, torch.Tensor):
             if fill.shape != (B, N, D):
                 raise ValueError(f"fill must be [B, N, D] = [{B}, {N}, {D}], got {tuple(fill.shape)}")
             base = fill.reshape(B * N, D)
         else:
-            base = y.new_full((B * N, D), float(fill))
-        values = y.reshape(K * S, D).index_select(0, self.slot_index)
-        return base.index_copy(0, self.source_index, values).view(B, N, D)
+            base = rows.new_full((B * N, D), float(fill))
+        if self.layout == "masked":
+            rows = rows.index_select(0, self.source_index)
+        return base.index_copy(0, self.source_index, rows).view(B, N, D)
+
+    def unpack(self, y: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Scatter per-slot results ``y`` ``[K, S, D]`` back to ``[B, N, D]``.
+
+        Unkept positions take ``fill``: a number, or a ``[B, N, D]`` tensor. Differentiable with respect
+        to ``y`` and ``fill``.
+        """
+        K, S = self.image.shape
+        if y.dim() != 3 or y.shape[:2] != (K, S):
+            raise ValueError(f"y must be [K, S, D] = [{K}, {S}, D], got {tuple(y.shape)}")
+        return self.scatter_rows(self.from_slots(y), fill)
+
+    def gather(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Pack another per-token tensor (``[B, N]`` or ``[B, N, D]``) into ``[K, S, ...]`` slots.
+
+        Padding slots take ``fill`` (for ``masked`` the values are returned in place, unkept included).
+        """
+        rows = self.select(values)
+        if self.layout == "masked":
+            return rows.view(values.shape)
+        K, S = self.image.shape
+        out = rows.new_full((K * S, *rows.shape[1:]), fill)
+        return out.index_copy(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
+
+    def _check_rows(self, rows: torch.Tensor) -> None:
+        if rows.dim() < 1 or rows.shape[0] != self.num_rows:
+            raise ValueError(f"rows must be [R, ...] with R = {self.num_rows}, got {tuple(rows.shape)}")
 
 
 def _check_inputs(
@@ -138,7 +179,9 @@ def _check_inputs(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if order is not None:
         if order.dtype != torch.long or order.dim() != 1:
-            raise TypeError(f"order must be a 1-D long tensor, got {order.dtype} of shape {tuple(order.shape)}")
+            raise TypeError(
+                f"order must be a 1-D long tensor, got {order.dtype} of shape {tuple(order.shape)}"
+            )
         if order.device != x.device:
             raise ValueError(f"order is on {order.device} but x is on {x.device}")
         N = x.shape[1]
@@ -157,11 +200,8 @@ def _first_fit_decreasing(sizes: list[int], capacity: int) -> tuple[list[int], l
         size = sizes[i]
         if size == 0:
             continue
-        for j, free in enumerate(bins_free):
-            if free >= size:
-                break
-        else:
-            j = len(bins_free)
+        j = next((j for j, free in enumerate(bins_free) if free >= size), len(bins_free))
+        if j == len(bins_free):
             bins_free.append(capacity)
         where[i], offset[i] = j, capacity - bins_free[j]
         bins_free[j] -= size
@@ -190,7 +230,7 @@ def pack(
         containers.
     """
     _check_inputs(x, keep, length, layout, order)
-    B, N, C = x.shape
+    B, N, _ = x.shape
     device = x.device
     seq_keep = keep if order is None else keep[:, order]
     counts_t = seq_keep.sum(1)
@@ -200,7 +240,7 @@ def pack(
     batch_idx, seq_pos = seq_keep.nonzero(as_tuple=True)  # row-major: image by image, in visiting order
     token_idx = seq_pos if order is None else order[seq_pos]
     total = batch_idx.numel()
-    starts = torch.tensor([0] + counts[:-1], device=device, dtype=torch.long).cumsum(0)
+    starts = torch.tensor([0, *counts[:-1]], device=device, dtype=torch.long).cumsum(0)
     rank = torch.arange(total, device=device) - starts[batch_idx]
     chunk, offset = rank // length, rank % length
     chunks_per_image = N // length + 1
@@ -240,14 +280,8 @@ def pack(
         out = torch.full((num_containers * slots,), -1, device=device, dtype=torch.long)
         return out.index_copy(0, dest, values).view(num_containers, slots)
 
-    if layout == "masked":
-        tokens = x
-    else:
-        tokens = x.new_zeros(num_containers * slots, C)
-        tokens = tokens.index_copy(0, dest, x.reshape(B * N, C).index_select(0, source))
-        tokens = tokens.view(num_containers, slots, C)
-    return Packed(
-        tokens=tokens,
+    packed = Packed(
+        tokens=x.new_empty(0),
         image=scatter(batch_idx),
         position=scatter(seq_pos),
         segment=scatter(segment),
@@ -259,3 +293,4 @@ def pack(
         num_tokens=N,
         length=length,
     )
+    return replace(packed, tokens=packed.gather(x))

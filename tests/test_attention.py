@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spa.attention import PackedAttention, _flex, allowed_pairs, packed_attention
+from spa.packing import pack
+
+HEADS, DIM = 2, 8
+BIAS = torch.randn(HEADS, 6, 6)
+
+
+def pair_bias(position):
+    p = position.clamp(min=0) % 6
+    return BIAS[:, p[:, :, None], p[:, None, :]].permute(1, 0, 2, 3)
+
+
+def pair_mask(position):
+    region = position.clamp(min=0) % 3 == 0
+    return region[:, :, None] == region[:, None, :]
+
+
+def run(module, x, keep, L, layout, order, backend, hooks=True, rows=True, backward=True):
+    """Unpacked attention output ``[B, N, C]`` (0 for unkept) and the gradients of a fixed loss."""
+    module.backend = backend
+    module.zero_grad()
+    x = x.detach().requires_grad_(True)
+    packed = pack(x, keep, L, layout, order)
+    hook_args = {"pair_bias": pair_bias, "pair_mask": pair_mask} if hooks else {}
+    if rows:
+        out = packed.scatter_rows(module(packed.select(x), packed, **hook_args), fill=0.0)
+    else:
+        out = packed.unpack(module(packed.tokens, packed, **hook_args), fill=0.0)
+    if not backward:
+        return out.detach(), [], packed
+    weight = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * weight).sum().backward()
+    tensors = [x, *module.parameters()]
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in tensors]
+    return out.detach(), grads, packed
+
+
+@st.composite
+def cases(draw):
+    B = draw(st.integers(1, 4))
+    N = draw(st.integers(1, 24))
+    L = draw(st.integers(1, 7))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    probs = torch.tensor([draw(st.sampled_from([0.0, 0.3, 0.7, 1.0])) for _ in range(B)])
+    keep = torch.rand(B, N, generator=g) < probs[:, None]
+    order = torch.randperm(N, generator=g) if draw(st.booleans()) else None
+    return torch.randn(B, N, DIM, generator=g), keep, L, order, draw(st.booleans())
+
+
+def assert_close_on_kept(a, b, keep):
+    torch.testing.assert_close(a[keep], b[keep], atol=1e-5, rtol=1e-5)
+
+
+@given(cases(), st.sampled_from(("containers", "padded", "masked", "stream")))
+def test_sdpa_matches_reference_outputs_and_gradients(case, layout):
+    x, keep, L, order, hooks = case
+    module = PackedAttention(DIM, HEADS)
+    fast, fast_grads, _ = run(module, x, keep, L, layout, order, "sdpa", hooks)
+    ref, ref_grads, _ = run(module, x, keep, L, layout, order, "reference", hooks)
+    assert_close_on_kept(fast, ref, keep)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@given(cases())
+def test_layouts_agree_with_each_other(case):
+    x, keep, L, order, hooks = case
+    module = PackedAttention(DIM, HEADS)
+    base, base_grads, _ = run(module, x, keep, L, "containers", order, "sdpa", hooks)
+    for layout in ("padded", "masked"):
+        out, grads, _ = run(module, x, keep, L, layout, order, "sdpa", hooks)
+        assert_close_on_kept(out, base, keep)
+        for a, b in zip(grads, base_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_and_slots_inputs_agree():
+    x = torch.randn(3, 20, DIM)
+    keep = torch.rand(3, 20) < 0.6
+    module = PackedAttention(DIM, HEADS)
+    a, ga, _ = run(module, x, keep, 6, "containers", None, "sdpa", rows=True)
+    b, gb, _ = run(module, x, keep, 6, "containers", None, "sdpa", rows=False)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+
+
+def test_edge_cases_match_reference():
+    module = PackedAttention(DIM, HEADS)
+    cases = {
+        "batch of one": (torch.randn(1, 10, DIM), torch.rand(1, 10) < 0.5),
+        "one token": (torch.randn(1, 1, DIM), torch.ones(1, 1, dtype=torch.bool)),
+        "all kept": (torch.randn(2, 10, DIM), torch.ones(2, 10, dtype=torch.bool)),
+        "one image empty": (torch.randn(2, 10, DIM), torch.tensor([[True] * 10, [False] * 10])),
+    }
+    for name, (x, keep) in cases.items():
+        for layout in ("containers", "padded", "masked", "stream"):
+            fast, _, _ = run(module, x, keep, 4, layout, None, "sdpa")
+            ref, _, _ = run(module, x, keep, 4, layout, None, "reference")
+            assert torch.isfinite(fast).all(), name
+            assert_close_on_kept(fast, ref, keep)
+
+
+def test_nothing_kept_skips_attention_and_keeps_gradients_defined():
+    module = PackedAttention(DIM, HEADS)
+    x = torch.randn(2, 6, DIM, requires_grad=True)
+    packed = pack(x, torch.zeros(2, 6, dtype=torch.bool), 3)
+    out = packed.scatter_rows(module(packed.select(x), packed), fill=x)
+    out.sum().backward()
+    assert torch.equal(out, x) and torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_batch_invariance_with_shared_containers():
+    """An image's outputs are the same alone and in batches where it shares containers with others."""
+    g = torch.Generator().manual_seed(3)
+    module = PackedAttention(DIM, HEADS).eval()
+    x = torch.randn(6, 30, DIM, generator=g)
+    keep = torch.rand(6, 30, generator=g) < torch.tensor([0.2, 0.5, 0.9, 0.3, 0.1, 0.6])[:, None]
+    order = torch.randperm(30, generator=g)
+    batch, _, packed = run(module, x, keep, 7, "containers", order, "sdpa", backward=False)
+    shared = [
+        k for k in range(packed.num_containers) if packed.image[k][packed.image[k] >= 0].unique().numel() > 1
+    ]
+    assert shared, "the test batch must share containers between images"
+    for b in range(6):
+        alone, _, _ = run(
+            module, x[b : b + 1], keep[b : b + 1], 7, "containers", order, "sdpa", backward=False
+        )
+        torch.testing.assert_close(alone[0][keep[b]], batch[b][keep[b]], atol=1e-5, rtol=1e-5)
+
+
+def test_allowed_pairs_never_sees_padding_or_other_segments():
+    segment = torch.tensor([[0, 0, 1, -1], [2, 2, 2, 2]])
+    allowed = allowed_pairs(segment)
+    assert allowed[0].tolist() == [
+        [True, True, False, False],
+        [True, True, False, False],
+        [False, False, True, False],
+        [False, False, False, True],  # padding row sees only itself (never empty)
+    ]
+    assert allowed[1].all()
+
+
+def test_flex_kernel_matches_sdpa_forward():
+    """The ``varlen`` backend's FlexAttention path, run eagerly on CPU (forward only)."""
+    x = torch.randn(3, 20, DIM)
+    keep = torch.rand(3, 20) < 0.6
+    packed = pack(x, keep, 7)
+    q, k, v = (torch.randn(packed.num_containers, HEADS, 7, 4) for _ in range(3))
+    flex = _flex(q, k, v, packed, pair_bias, pair_mask, None)
+    sdpa = packed_attention(q, k, v, packed, pair_bias, pair_mask, backend="sdpa")
+    real = (packed.image >= 0)[:, None, :, None].expand_as(sdpa)
+    torch.testing.assert_close(flex[real], sdpa[real], atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_on_cpu_says_it_needs_cuda():
+    x = torch.randn(1, 4, DIM)
+    packed = pack(x, torch.ones(1, 4, dtype=torch.bool), 2)
+    module = PackedAttention(DIM, HEADS, backend="varlen")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        module(packed.select(x), packed)
+
+
+def test_bad_backend_and_shapes():
+    with pytest.raises(ValueError, match="backend"):
+        PackedAttention(DIM, HEADS, backend="flash")
+    packed = pack(torch.randn(1, 4, DIM), torch.ones(1, 4, dtype=torch.bool), 2)
+    q = torch.randn(3, HEADS, 2, 4)
+    with pytest.raises(ValueError, match="q must be"):
+        packed_attention(q, q, q, packed)
+    with pytest.raises(ValueError, match="backend"):
+        packed_attention(q[:2], q[:2], q[:2], packed, backend="nope")
+    with pytest.raises(ValueError, match="rows"):
+        PackedAttention(DIM, HEADS)(torch.randn(5, DIM), packed)

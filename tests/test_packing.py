@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spa.packing import LAYOUTS, pack
+
+
+@st.composite
+def ragged(draw):
+    """Random batch: shapes, a keep mask with ragged counts (empty and full images likely) and an order."""
+    B = draw(st.integers(1, 5))
+    N = draw(st.integers(1, 30))
+    L = draw(st.integers(1, 9))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.tensor([draw(st.sampled_from([0.0, 0.2, 0.5, 0.9, 1.0])) for _ in range(B)])
+    keep = torch.rand(B, N, generator=g) < probs[:, None]
+    order = torch.randperm(N, generator=g) if draw(st.booleans()) else None
+    x = torch.randn(B, N, 3, generator=g)
+    return x, keep, L, order
+
+
+def _chunks(packed):
+    """{segment id: [(image, position), ...] in slot order} over real slots."""
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for seg, img, pos in zip(
+        packed.segment.flatten().tolist(), packed.image.flatten().tolist(), packed.position.flatten().tolist()
+    ):
+        if seg >= 0:
+            groups.setdefault(seg, []).append((img, pos))
+    return groups
+
+
+@given(ragged(), st.sampled_from(LAYOUTS))
+def test_unpack_inverts_pack(case, layout):
+    x, keep, L, order = case
+    packed = pack(x, keep, L, layout, order)
+    out = packed.unpack(packed.tokens, fill=-7.0)
+    expected = torch.where(keep[..., None], x, torch.full_like(x, -7.0))
+    assert torch.equal(out, expected)
+    assert packed.num_kept == int(keep.sum())
+    rows = packed.select(x)
+    assert torch.equal(packed.scatter_rows(rows, fill=x), x)
+    assert torch.equal(packed.from_slots(packed.to_slots(rows)), rows)
+
+
+@given(ragged(), st.sampled_from(("containers", "padded", "stream")))
+def test_every_kept_token_has_one_slot_and_padding_is_zero(case, layout):
+    x, keep, L, order = case
+    packed = pack(x, keep, L, layout, order)
+    B, N, _ = x.shape
+    real = packed.image >= 0
+    assert packed.tokens.shape == (packed.num_containers, L, 3)
+    assert torch.all(packed.tokens[~real] == 0)
+    sources = packed.source[real]
+    assert sources.numel() == sources.unique().numel() == int(keep.sum())
+    assert torch.equal(keep.reshape(-1)[sources], torch.ones_like(sources, dtype=torch.bool))
+    assert torch.equal(packed.image[real], sources // N)
+    assert torch.equal(packed.tokens[real], x.reshape(B * N, -1)[sources])
+    assert torch.all((packed.segment >= 0) == real) and torch.all((packed.position >= 0) == real)
+
+
+@given(ragged(), st.sampled_from(("containers", "padded", "masked")))
+def test_segments_are_consecutive_chunks_of_each_image(case, layout):
+    x, keep, L, order = case
+    packed = pack(x, keep, L, layout, order)
+    seq = torch.arange(x.shape[1]) if order is None else order
+    for b in range(x.shape[0]):
+        kept_positions = [p for p in range(seq.numel()) if keep[b, seq[p]]]
+        expected = [kept_positions[i : i + L] for i in range(0, len(kept_positions), L)]
+        got = sorted(
+            sorted(p for _, p in members) for members in _chunks(packed).values() if members[0][0] == b
+        )
+        assert all(
+            img == b for members in _chunks(packed).values() if members[0][0] == b for img, _ in members
+        )
+        assert got == sorted(expected)
+
+
+@given(ragged())
+def test_containers_layout_packs_full_chunks_alone_and_shares_partial_ones(case):
+    x, keep, L, order = case
+    packed = pack(x, keep, L, "containers", order)
+    counts = keep.sum(1).tolist()
+    full = sum(c // L for c in counts)
+    partial = sum(1 for c in counts if c % L)
+    assert full <= packed.num_containers <= full + partial
+    for k in range(packed.num_containers):
+        segs = {s for s in packed.segment[k].tolist() if s >= 0}
+        sizes = [int((packed.segment[k] == s).sum()) for s in segs]
+        assert sum(sizes) <= L
+        if len(segs) > 1:
+            assert all(size < L for size in sizes), "a full chunk must own its container"
+    padded = pack(x, keep, L, "padded", order)
+    assert packed.num_containers <= padded.num_containers
+
+
+@given(ragged())
+def test_stream_layout_pads_only_the_last_container(case):
+    x, keep, L, order = case
+    packed = pack(x, keep, L, "stream", order)
+    total = int(keep.sum())
+    assert packed.num_containers == -(-total // L)
+    real = (packed.image >= 0).flatten()
+    assert torch.all(real[:total]) and not torch.any(real[total:])
+
+
+def test_containers_share_partial_chunks_first_fit():
+    keep = torch.zeros(3, 20, dtype=torch.bool)
+    keep[0, :7] = True  # 1 full chunk of 5 + partial of 2
+    keep[1, :3] = True  # partial of 3
+    keep[2, :12] = True  # 2 full + partial of 2
+    packed = pack(torch.randn(3, 20, 2), keep, 5)
+    assert packed.num_containers == 3 + 2  # 3 full, partials {3,2} share one, {2} in another
+    assert packed.padding_fraction == pytest.approx(1 - 22 / 25)
+
+
+def test_batch_invariant_chunking_but_stream_is_not():
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(4, 40, generator=g) < 0.5
+    x = torch.randn(4, 40, 2, generator=g)
+    for layout, invariant in (("containers", True), ("stream", False)):
+        together = {tuple(m) for m in _chunks(pack(x, keep, 7, layout)).values() if m[0][0] == 3}
+        alone = {tuple((3, p) for _, p in m) for m in _chunks(pack(x[3:], keep[3:], 7, layout)).values()}
+        assert (together == alone) is invariant
+
+
+def test_empty_selection_gives_zero_containers():
+    x = torch.randn(2, 10, 4, requires_grad=True)
+    keep = torch.zeros(2, 10, dtype=torch.bool)
+    for layout in ("containers", "stream", "padded"):
+        packed = pack(x, keep, 4, layout)
+        assert packed.num_containers == 0 and packed.tokens.shape == (0, 4, 4)
+        assert packed.padding_fraction == 0.0
+        assert torch.equal(packed.unpack(packed.tokens, fill=x), x)
+
+
+def test_pack_unpack_is_differentiable():
+    x = torch.randn(3, 12, 4, dtype=torch.double, requires_grad=True)
+    keep = torch.rand(3, 12) < 0.5
+    order = torch.randperm(12)
+
+    def fn(inp):
+        packed = pack(inp, keep, 5, "containers", order)
+        return packed.unpack(packed.tokens.sin(), fill=inp * 2)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_masked_layout_does_not_gather():
+    x = torch.randn(2, 9, 3)
+    keep = torch.rand(2, 9) < 0.5
+    packed = pack(x, keep, 4, "masked")
+    assert packed.tokens.data_ptr() == x.data_ptr()
+    assert packed.num_containers == 2 and packed.image.shape == (2, 9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"x": torch.randn(2, 3)}, ValueError, "x must be"),
+        ({"keep": torch.ones(2, 5)}, TypeError, "keep must be a bool"),
+        ({"keep": torch.ones(2, 4, dtype=torch.bool)}, ValueError, "keep must have shape"),
+        ({"length": 0}, ValueError, "length"),
+        ({"length": 2.0}, ValueError, "length"),
+        ({"layout": "dense"}, ValueError, "layout"),
+        ({"order": torch.tensor([0, 1, 1, 2, 3])}, ValueError, "repeat"),
+        ({"order": torch.tensor([0, 1, 2, 3, 9])}, ValueError, "order must hold"),
+        ({"order": torch.tensor([0.0, 1.0])}, TypeError, "order must be"),
+        ({"order": torch.tensor([0, 1, 2])}, ValueError, "not in order"),
+    ],
+)
+def test_bad_input_is_named(kwargs, error, match):
+    args = {"x": torch.randn(2, 5, 3), "keep": torch.ones(2, 5, dtype=torch.bool), "length": 2}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        pack(**args)
+
+
+def test_unpack_checks_shapes():
+    packed = pack(torch.randn(2, 5, 3), torch.ones(2, 5, dtype=torch.bool), 2)
+    with pytest.raises(ValueError, match="y must be"):
+        packed.unpack(torch.randn(1, 2, 3))
+    with pytest.raises(ValueError, match="fill must be"):
+        packed.unpack(packed.tokens, fill=torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="rows must be"):
+        packed.to_slots(torch.randn(3, 3))
