@@ -3,9 +3,24 @@
 from spa.attention import PackedAttention, packed_attention
 from spa.gate import TokenGate
 from spa.models.spa_block import SPABlock
+from spa.models.spt import SPT, create_model, list_models
+from spa.models.swin_weights import LoadResult, load_swin_weights
 from spa.packing import Packed, pack
 from spa.selection import Selection
 
 __version__ = "0.1.0"
 
-__all__ = ["PackedAttention", "Packed", "SPABlock", "Selection", "TokenGate", "pack", "packed_attention"]
+__all__ = [
+    "SPT",
+    "LoadResult",
+    "Packed",
+    "PackedAttention",
+    "SPABlock",
+    "Selection",
+    "TokenGate",
+    "create_model",
+    "list_models",
+    "load_swin_weights",
+    "pack",
+    "packed_attention",
+]

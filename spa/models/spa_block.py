@@ -63,7 +63,11 @@ def _region_labels(size: int, window: int, shift: int) -> torch.Tensor:
 
 
 def window_geometry(
-    height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device | None = None
+    height: int,
+    width: int,
+    window: tuple[int, int],
+    shift: tuple[int, int],
+    device: torch.device | None = None,
 ) -> WindowGeometry:
     """Window order, rolled-frame coordinates and region labels of an ``height x width`` map.
 
@@ -97,6 +101,7 @@ class PackedWindowAttention(PackedAttention):
     def __init__(self, dim: int, num_heads: int, window: tuple[int, int], **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
         self.window = window
+        self.window_size = window  # timm's name (``checkpoint_filter_fn`` reads it)
         wh, ww = window
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -170,7 +175,9 @@ class SPABlock(nn.Module):
         self.input_resolution = tuple(input_resolution)
         self.target_window = (window_size, window_size)
         self.target_shift = (shift_size, shift_size)
-        self.window_size, self.shift_size = window_shift(self.input_resolution, self.target_window, self.target_shift)
+        self.window_size, self.shift_size = window_shift(
+            self.input_resolution, self.target_window, self.target_shift
+        )
         self.layout = layout
         self.ffn = ffn
         self.stage, self.block, self.stride = stage, block, stride
@@ -196,14 +203,19 @@ class SPABlock(nn.Module):
         self.last_packed: Packed | None = None  # the plan of the latest forward, for inspection and FLOPs
 
     def geometry(self, height: int, width: int, device: torch.device) -> WindowGeometry:
-        """Window geometry of an ``height x width`` map (cached)."""
+        """Window geometry of an ``height x width`` map (cached).
+
+        The size rule is applied to the actual map. A map that needs a smaller window than the block was built
+        for (a smaller input) works: offsets inside the smaller window index the same bias table. A map that
+        needs a larger window than the table covers raises.
+        """
         key = (height, width, str(device))
         if key not in self._geometry_cache:
             window, shift = window_shift((height, width), self.target_window, self.target_shift)
-            if window != self.window_size:
+            if any(w > b for w, b in zip(window, self.window_size)):
                 raise ValueError(
                     f"a {height}x{width} map needs window {window}, but this block's bias table was built for "
-                    f"{self.window_size}; build the model for this input size"
+                    f"{self.window_size}; build the model for this input size (img_size)"
                 )
             self._geometry_cache[key] = window_geometry(height, width, window, shift, device)
         return self._geometry_cache[key]
@@ -216,26 +228,41 @@ class SPABlock(nn.Module):
         return like.new_empty(batch_size).bernoulli_(keep_prob).div_(keep_prob)
 
     def forward(
-        self, x: torch.Tensor, previous_logits: torch.Tensor | None = None
+        self, x: torch.Tensor, previous_logits: torch.Tensor | None = None, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Selection]:
         """``x``: ``[B, H, W, C]``; ``previous_logits``: the previous SPA block's fused logits ``[B, H, W]``.
+
+        ``keep`` (bool ``[B, H, W]``, optional) overrides the gate's hard decision (the logits and the soft
+        factor still come from the gate); tests and analyses use it to force a selection.
 
         Returns the output map ``[B, H, W, C]`` and this block's ``Selection``.
         """
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"SPABlock expects [B, H, W, {self.dim}] input, got {tuple(x.shape)}")
         B, H, W, C = x.shape
+        if previous_logits is not None and previous_logits.shape != (B, H, W):
+            raise ValueError(
+                f"previous_logits must be [B, H, W] = {[B, H, W]}, got {list(previous_logits.shape)}"
+            )
         geometry = self.geometry(H, W, x.device)
         tokens = x.reshape(B, H * W, C)
         previous = None if previous_logits is None else previous_logits.reshape(B, H * W)
         decision = self.gate(tokens, previous)
-        packed = pack(tokens, decision.keep, self.window_size[0] * self.window_size[1], self.layout, geometry.order)
+        if keep is not None:
+            if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+                raise TypeError(f"keep must be a bool tensor, got {getattr(keep, 'dtype', type(keep))}")
+            if keep.shape != (B, H, W):
+                raise ValueError(f"keep must be [B, H, W] = {[B, H, W]}, got {list(keep.shape)}")
+            decision = decision._replace(keep=keep.reshape(B, H * W).to(x.device))
+        window = geometry.window
+        packed = pack(tokens, decision.keep, window[0] * window[1], self.layout, geometry.order)
         self.last_packed = packed
+        scale = self._per_image_drop_path(B, x)  # one stochastic-depth draw per image for the whole block
         out = tokens
         if packed.num_kept:
-            out = packed.unpack(self._kept_update(packed, decision.soft, geometry), fill=tokens)
+            out = packed.unpack(self._kept_update(packed, decision.soft, geometry, scale), fill=tokens)
         if self.ffn == "all":
-            out = self._ffn_on_unkept(out, decision.keep)
+            out = self._ffn_on_unkept(out, decision.keep, scale)
         selection = Selection(
             own_logits=decision.own_logits.view(B, H, W),
             fused_logits=decision.fused_logits.view(B, H, W),
@@ -246,7 +273,9 @@ class SPABlock(nn.Module):
         )
         return out.view(B, H, W, C), selection
 
-    def _kept_update(self, packed: Packed, soft: torch.Tensor | None, geometry: WindowGeometry) -> torch.Tensor:
+    def _kept_update(
+        self, packed: Packed, soft: torch.Tensor | None, geometry: WindowGeometry, scale: torch.Tensor | None
+    ) -> torch.Tensor:
         """Attention + FFN on the packed tokens: ``[K, S, C]`` -> ``[K, S, C]``."""
         xs = packed.tokens
 
@@ -262,7 +291,6 @@ class SPABlock(nn.Module):
         update = self.attn(self.norm1(xs), packed, pair_bias=pair_bias, pair_mask=pair_mask)
         if soft is not None:
             update = update * packed.gather(soft)[..., None]
-        scale = self._per_image_drop_path(packed.batch_size, xs)
         if scale is not None:
             slot_scale = scale[packed.image.clamp(min=0)][..., None]
             y = xs + update * slot_scale
@@ -270,7 +298,9 @@ class SPABlock(nn.Module):
         y = xs + update
         return y + self.mlp(self.norm2(y))
 
-    def _ffn_on_unkept(self, out: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _ffn_on_unkept(
+        self, out: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None
+    ) -> torch.Tensor:
         """``ffn='all'``: unselected tokens get ``x + MLP(LN2(x))``."""
         B, N, C = out.shape
         index = (~keep).reshape(-1).nonzero().squeeze(1)
@@ -279,7 +309,6 @@ class SPABlock(nn.Module):
         flat = out.reshape(B * N, C)
         rest = flat.index_select(0, index)
         update = self.mlp(self.norm2(rest))
-        scale = self._per_image_drop_path(B, out)
         if scale is not None:
             update = update * scale[index // N][:, None]
         return flat.index_copy(0, index, rest + update).view(B, N, C)
