@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spa.gate import (
+    TokenGate,
+    enforce_min_keep,
+    fuse_logits,
+    gumbel_keep,
+    random_keep,
+    threshold_keep,
+    topk_keep,
+)
+from spa.selection import Selection
+
+
+def test_fusion_is_elementwise_max():
+    own, prev = torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0, 1.0, -3.0]])
+    assert fuse_logits(own, prev).tolist() == [[1.0, 2.0, -1.0]]
+    assert fuse_logits(own, None) is own
+    with pytest.raises(ValueError, match="previous logits"):
+        fuse_logits(own, torch.zeros(1, 2))
+
+
+def test_threshold_keep_is_probability_above_threshold():
+    logits = torch.tensor([[math.log(0.29 / 0.71), math.log(0.31 / 0.69), 5.0, -5.0]])
+    assert threshold_keep(logits, 0.3).tolist() == [[False, True, True, False]]
+    valid = torch.tensor([[True, True, False, True]])
+    assert threshold_keep(logits, 0.3, valid).tolist() == [[False, True, False, False]]
+
+
+def test_gumbel_keep_rate_matches_the_logistic_noise_model():
+    """P(keep) = P(s + logistic > T * logit(threshold)) = sigmoid(s - T * logit(threshold))."""
+    g = torch.Generator().manual_seed(0)
+    for s, temperature in ((0.0, 1.0), (1.0, 0.5), (-1.0, 2.0)):
+        logits = torch.full((1, 40000), s)
+        keep, y = gumbel_keep(logits, 0.3, temperature, generator=g)
+        expected = torch.sigmoid(torch.tensor(s - temperature * math.log(0.3 / 0.7))).item()
+        assert keep.float().mean().item() == pytest.approx(expected, abs=0.01)
+        assert torch.equal(keep, y > 0.3)
+    assert gumbel_keep(torch.full((1, 100), 30.0), 0.3)[0].all()
+    assert not gumbel_keep(torch.full((1, 100), -30.0), 0.3)[0].any()
+
+
+@given(st.integers(1, 4), st.integers(1, 30), st.floats(0.01, 1.0), st.integers(0, 1000))
+def test_topk_keeps_the_best_fixed_ratio_of_valid_tokens(B, N, ratio, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, N, generator=g)
+    valid = torch.rand(B, N, generator=g) < 0.8
+    keep = topk_keep(logits, ratio, valid)
+    for b in range(B):
+        n_valid = int(valid[b].sum())
+        assert int(keep[b].sum()) == min(n_valid, math.ceil(ratio * n_valid - 1e-9))
+        assert not (keep[b] & ~valid[b]).any()
+        if keep[b].any() and (valid[b] & ~keep[b]).any():
+            assert logits[b][keep[b]].min() >= logits[b][valid[b] & ~keep[b]].max()
+    rand = random_keep(valid, ratio, generator=g)
+    assert torch.equal(rand.sum(1), keep.sum(1)) and not (rand & ~valid).any()
+
+
+def test_min_keep_forces_best_tokens_but_never_padding():
+    logits = torch.tensor([[-9.0, -1.0, -5.0, -2.0], [-9.0, -9.0, -9.0, -9.0]])
+    keep = torch.zeros(2, 4, dtype=torch.bool)
+    valid = torch.tensor([[True, True, True, True], [True, False, False, False]])
+    out = enforce_min_keep(keep, logits, 2, valid)
+    assert out.tolist() == [[False, True, False, True], [True, False, False, False]]
+    assert enforce_min_keep(keep, logits, 0) is keep
+    with pytest.raises(ValueError, match="min_keep"):
+        enforce_min_keep(keep, logits, -1)
+
+
+def test_gate_modes():
+    x = torch.randn(3, 20, 8)
+    gate = TokenGate(8, select="all").eval()
+    decision = gate(x)
+    assert decision.keep.all() and decision.soft is None
+    for select in ("gate", "topk", "random"):
+        gate = TokenGate(8, select=select, keep_ratio=0.25).eval()
+        decision = gate(x)
+        torch.testing.assert_close(decision.soft, torch.sigmoid(decision.fused_logits))
+        if select != "gate":
+            assert decision.keep.sum(1).tolist() == [5, 5, 5]
+
+
+def test_gate_eval_is_deterministic_and_train_is_stochastic():
+    gate = TokenGate(8, init_keep_prob=0.4)
+    x = torch.randn(4, 50, 8)
+    gate.eval()
+    assert torch.equal(gate(x).keep, gate(x).keep)
+    gate.train()
+    assert not torch.equal(gate(x).keep, gate(x).keep)
+
+
+def test_gate_init_sets_initial_keep_probability():
+    gate = TokenGate(16, init_keep_prob=0.8)
+    probs = torch.sigmoid(gate.score(torch.randn(2, 100, 16)))
+    assert probs.mean().item() == pytest.approx(0.8, abs=0.02)
+
+
+def test_previous_logits_are_fused():
+    gate = TokenGate(4).eval()
+    x = torch.randn(1, 6, 4)
+    prev = torch.full((1, 6), 10.0)
+    decision = gate(x, prev)
+    assert torch.equal(decision.fused_logits, prev) and decision.keep.all()
+
+
+def test_straight_through_keeps_forward_value_and_adds_a_gradient_path():
+    x = torch.randn(2, 30, 8)
+    plain, st_gate = TokenGate(8), TokenGate(8, straight_through=True)
+    st_gate.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    a = plain(x)
+    torch.manual_seed(1)
+    b = st_gate(x)
+    torch.testing.assert_close(a.soft, b.soft)
+    (a.soft * a.keep).sum().backward()
+    (b.soft * b.keep).sum().backward()
+    assert not torch.allclose(plain.proj.weight.grad, st_gate.proj.weight.grad)
+
+
+def test_nan_logits_raise():
+    logits = torch.tensor([[0.0, float("nan")]])
+    with pytest.raises(ValueError, match="NaN"):
+        threshold_keep(logits, 0.3)
+    with pytest.raises(ValueError, match="NaN"):
+        gumbel_keep(logits, 0.3)
+    gate = TokenGate(2).eval()
+    with pytest.raises(ValueError, match="NaN"):
+        gate(torch.full((1, 3, 2), float("nan")))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"select": "topK"}, "select"),
+        ({"keep_threshold": 1.0}, "keep_threshold"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"keep_ratio": 0.0}, "keep_ratio"),
+        ({"min_keep": -1}, "min_keep"),
+        ({"init_keep_prob": 1.0}, "init_keep_prob"),
+    ],
+)
+def test_gate_rejects_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TokenGate(4, **kwargs)
+
+
+def test_bad_logits_and_masks():
+    with pytest.raises(TypeError, match="floating"):
+        threshold_keep(torch.zeros(1, 3, dtype=torch.long), 0.3)
+    with pytest.raises(ValueError, match=r"\[B, N\]"):
+        threshold_keep(torch.zeros(3), 0.3)
+    with pytest.raises(TypeError, match="valid must be a bool"):
+        threshold_keep(torch.zeros(1, 3), 0.3, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="valid must have shape"):
+        threshold_keep(torch.zeros(1, 3), 0.3, torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_selection_record_validates_and_summarises():
+    keep = torch.tensor([[[True, False], [False, False]]])
+    sel = Selection(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), keep, stage=2, block=0, stride=16)
+    assert sel.keep_ratio.tolist() == [0.25] and sel.num_kept.tolist() == [1]
+    with pytest.raises(ValueError, match="Selection tensors"):
+        Selection(torch.zeros(1, 2, 3), torch.zeros(1, 2, 2), keep, 2, 0, 16)
+    with pytest.raises(TypeError, match="bool"):
+        Selection(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), keep.float(), 2, 0, 16)
+    with pytest.raises(AttributeError):
+        sel.stage = 3  # frozen
