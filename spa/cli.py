@@ -10,6 +10,7 @@ from collections.abc import Sequence
 # Modules with a ``register(subparsers)`` function that adds their sub-commands (each sets ``func``).
 COMMAND_MODULES = [
     "spa.bench",
+    "spa.demo",
 ]
 
 
