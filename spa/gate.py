@@ -30,7 +30,9 @@ SELECT_MODES = ("gate", "all", "topk", "random")
 
 def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {getattr(logits, 'dtype', type(logits))}")
+        raise TypeError(
+            f"{name} must be a floating point tensor, got {getattr(logits, 'dtype', type(logits))}"
+        )
     if logits.dim() != 2:
         raise ValueError(f"{name} must be [B, N], got shape {tuple(logits.shape)}")
     if torch.isnan(logits).any():
@@ -52,7 +54,9 @@ def fuse_logits(own: torch.Tensor, previous: torch.Tensor | None) -> torch.Tenso
     if previous is None:
         return own
     if previous.shape != own.shape:
-        raise ValueError(f"previous logits {tuple(previous.shape)} do not match own logits {tuple(own.shape)}")
+        raise ValueError(
+            f"previous logits {tuple(previous.shape)} do not match own logits {tuple(own.shape)}"
+        )
     return torch.maximum(own, previous)
 
 
@@ -108,9 +112,7 @@ def topk_keep(logits: torch.Tensor, ratio: float, valid: torch.Tensor | None = N
     return keep_top(logits, _ratio_counts(valid, ratio), valid)
 
 
-def random_keep(
-    valid: torch.Tensor, ratio: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_keep(valid: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """``ceil(ratio * n_valid)`` uniformly random valid tokens of every image."""
     scores = torch.rand(valid.shape, generator=generator, device=valid.device)
     return keep_top(scores, _ratio_counts(valid, ratio), valid)
