@@ -260,7 +260,9 @@ class SPABlock(nn.Module):
         scale = self._per_image_drop_path(B, x)  # one stochastic-depth draw per image for the whole block
         out = tokens
         if packed.num_kept:
-            out = packed.unpack(self._kept_update(packed, decision.soft, geometry, scale), fill=tokens)
+            out = packed.scatter_rows(
+                self._kept_update(packed, tokens, decision.soft, geometry, scale), fill=tokens
+            )
         if self.ffn == "all":
             out = self._ffn_on_unkept(out, decision.keep, scale)
         selection = Selection(
@@ -274,10 +276,18 @@ class SPABlock(nn.Module):
         return out.view(B, H, W, C), selection
 
     def _kept_update(
-        self, packed: Packed, soft: torch.Tensor | None, geometry: WindowGeometry, scale: torch.Tensor | None
+        self,
+        packed: Packed,
+        tokens: torch.Tensor,
+        soft: torch.Tensor | None,
+        geometry: WindowGeometry,
+        scale: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Attention + FFN on the packed tokens: ``[K, S, C]`` -> ``[K, S, C]``."""
-        xs = packed.tokens
+        """Attention + FFN on the rows of the kept tokens (``packed.select``): ``[R, C]`` out.
+
+        Linear layers and the FFN run on rows only; padding slots exist only inside attention.
+        """
+        rows = packed.select(tokens)
 
         def pair_bias(position: torch.Tensor) -> torch.Tensor:
             return self.attn.relative_position_bias(geometry.coords[position.clamp(min=0)])
@@ -288,14 +298,17 @@ class SPABlock(nn.Module):
             region = geometry.region[position.clamp(min=0)]
             return region[:, :, None] == region[:, None, :]
 
-        update = self.attn(self.norm1(xs), packed, pair_bias=pair_bias, pair_mask=pair_mask)
+        update = self.attn(self.norm1(rows), packed, pair_bias=pair_bias, pair_mask=pair_mask)
         if soft is not None:
-            update = update * packed.gather(soft)[..., None]
+            update = update * packed.select(soft)[:, None]
         if scale is not None:
-            slot_scale = scale[packed.image.clamp(min=0)][..., None]
-            y = xs + update * slot_scale
-            return y + self.mlp(self.norm2(y)) * slot_scale
-        y = xs + update
+            if packed.layout == "masked":
+                row_scale = scale.repeat_interleave(packed.num_tokens)[:, None]
+            else:
+                row_scale = scale[packed.source_index // packed.num_tokens][:, None]
+            y = rows + update * row_scale
+            return y + self.mlp(self.norm2(y)) * row_scale
+        y = rows + update
         return y + self.mlp(self.norm2(y))
 
     def _ffn_on_unkept(
