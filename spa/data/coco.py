@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ def _segm_to_mask(segm: Any, h: int, w: int, where: str) -> np.ndarray | None:
                 raise DatasetError(f"{where}: RLE size {rle['size']} differs from the image's {[h, w]}")
         else:
             raise DatasetError(f"{where}: unsupported segmentation of type {type(segm).__name__}")
-        return mask_utils.decode(rle).astype(np.uint8)
+        with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation notice
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return mask_utils.decode(rle).astype(np.uint8)
     except DatasetError:
         raise
     except Exception as e:  # pycocotools raises assorted types on malformed input

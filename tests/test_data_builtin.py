@@ -1,0 +1,116 @@
+"""The built-in generated dataset and the ``spa data`` commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from spa.cli import main
+from spa.data import BUILTIN_CLASSES, CocoDetection, builtin_dataset, ensure_builtin, make_builtin
+from spa.labels import batch_selection_labels, box_grid
+
+
+def _digest(root) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != "meta.json":
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("builtin")
+    return make_builtin(out, images=12, val_images=4, size=128, coverage=0.25, seed=3)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_layout_classes_and_masks_match_boxes(small_set):
+    meta = json.loads((small_set / "meta.json").read_text())
+    assert meta["config"]["images"] == 12 and meta["stats"]["train"]["images"] == 12
+    data = json.loads((small_set / "train" / "annotations.json").read_text())
+    assert [c["name"] for c in data["categories"]] == list(BUILTIN_CLASSES) and len(BUILTIN_CLASSES) >= 4
+    assert len(data["images"]) == 12 and all(im["width"] == im["height"] == 128 for im in data["images"])
+    assert {a["category_id"] for a in data["annotations"]} >= {1, 2, 3, 4, 5}  # all classes appear
+    for a in data["annotations"]:
+        m = mask_utils.decode(
+            {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
+        )
+        assert m.sum() == a["area"] > 0
+        ys, xs = np.nonzero(m)
+        assert a["bbox"] == [
+            xs.min(),
+            ys.min(),
+            xs.max() + 1 - xs.min(),
+            ys.max() + 1 - ys.min(),
+        ]  # tight box
+
+
+def test_dataset_loads_and_labels_cover_objects(small_set):
+    ds = builtin_dataset(small_set, "train")
+    val = builtin_dataset(small_set, "val")
+    assert len(ds) == 12 and len(val) == 4 and ds.num_classes == len(BUILTIN_CLASSES)
+    image, t = ds[0]
+    assert image.shape == (3, 128, 128) and len(t["boxes"]) >= 1
+    masks = t["masks"].bool()
+    assert not (masks.sum(0) > 1).any()  # visible parts never overlap: exact masks
+    lab = batch_selection_labels([t], (128, 128), 16)[0].bool()
+    assert torch.equal(lab & box_grid(t["boxes"], (128, 128), 16), lab)  # mask grid within box grid
+    assert lab.any()
+
+
+def test_deterministic_and_seed_dependent(tmp_path, small_set):
+    again = make_builtin(tmp_path / "a", images=12, val_images=4, size=128, coverage=0.25, seed=3)
+    assert _digest(again) == _digest(small_set)
+    other = make_builtin(tmp_path / "b", images=12, val_images=4, size=128, coverage=0.25, seed=4)
+    assert _digest(other) != _digest(small_set)
+    # image i does not depend on how many images are made
+    fewer = make_builtin(tmp_path / "c", images=3, val_images=0, size=128, coverage=0.25, seed=3)
+    for i in range(3):
+        name = f"train/images/{i:06d}.png"
+        assert (fewer / name).read_bytes() == (small_set / name).read_bytes()
+
+
+def test_coverage_knob(tmp_path):
+    cov = {}
+    for c in (0.05, 0.4):
+        out = make_builtin(tmp_path / str(c), images=10, val_images=0, size=128, coverage=c, seed=0)
+        cov[c] = json.loads((out / "meta.json").read_text())["stats"]["train"]["mean_coverage"]
+    assert 0.02 < cov[0.05] < 0.1
+    assert 0.28 < cov[0.4] < 0.55
+    with pytest.raises(ValueError, match="coverage"):
+        make_builtin(tmp_path / "x", coverage=0.0)
+
+
+def test_ensure_builtin_reuses(tmp_path):
+    out = ensure_builtin(tmp_path / "e", images=2, val_images=1, size=64)
+    stamp = (out / "train" / "annotations.json").stat().st_mtime_ns
+    ensure_builtin(tmp_path / "e", images=2, val_images=1, size=64)
+    assert (out / "train" / "annotations.json").stat().st_mtime_ns == stamp
+    ensure_builtin(tmp_path / "e", images=3, val_images=1, size=64)
+    assert len(CocoDetection(out / "train", out / "train" / "annotations.json")) == 3
+
+
+def test_default_set_is_fast(tmp_path):
+    t0 = time.perf_counter()
+    make_builtin(tmp_path / "d", images=64, val_images=0)  # the default 256 px
+    assert time.perf_counter() - t0 < 20.0
+
+
+def test_cli_make_and_show(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert (
+        main(["data", "make", "--out", str(out), "--images", "4", "--val-images", "2", "--size", "96"]) == 0
+    )
+    assert "4 images" in capsys.readouterr().out
+    assert len(builtin_dataset(out, "val")) == 2
+    png = tmp_path / "show.png"
+    assert main(["data", "show", str(out), "--out", str(png), "-n", "3"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
