@@ -2,6 +2,8 @@
 
 from spa.attention import PackedAttention, packed_attention
 from spa.gate import TokenGate
+from spa.labels import batch_selection_labels, selection_labels
+from spa.losses import selection_loss, selection_loss_from_targets
 from spa.models.spa_block import SPABlock
 from spa.models.spt import SPT, create_model, list_models
 from spa.models.swin_weights import LoadResult, load_swin_weights
@@ -18,9 +20,13 @@ __all__ = [
     "SPABlock",
     "Selection",
     "TokenGate",
+    "batch_selection_labels",
     "create_model",
     "list_models",
     "load_swin_weights",
     "pack",
     "packed_attention",
+    "selection_labels",
+    "selection_loss",
+    "selection_loss_from_targets",
 ]
