@@ -114,3 +114,26 @@ def test_cli_make_and_show(tmp_path, capsys):
     png = tmp_path / "show.png"
     assert main(["data", "show", str(out), "--out", str(png), "-n", "3"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_end_to_end_loader_transforms_labels_loss(small_set):
+    from torch.utils.data import DataLoader
+
+    from spa.data import collate_detection, detection_transforms, pad_images
+    from spa.losses import selection_loss_from_targets
+    from spa.selection import Selection
+
+    torch.manual_seed(0)
+    ds = builtin_dataset(small_set, "train", transforms=detection_transforms(train=True, size=96))
+    images, targets = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate_detection)))
+    batch = pad_images(images, size_divisible=32)
+    hw = tuple(batch.shape[-2:])
+    for im, t in zip(images, targets):
+        assert t["masks"].shape[-2:] == im.shape[-2:] and len(t["boxes"]) == len(t["labels"])
+        assert (t["boxes"][:, 2] <= im.shape[-1]).all() and (t["boxes"][:, 3] <= im.shape[-2]).all()
+    logits = torch.zeros(3, hw[0] // 16, hw[1] // 16, requires_grad=True)
+    sel = Selection(logits, logits.detach(), logits.detach() > 0, stage=2, block=0, stride=16)
+    loss = selection_loss_from_targets([sel], targets, hw)["loss_select"]
+    loss.backward()
+    labels = batch_selection_labels(targets, hw, 16)
+    assert labels.sum() > 0 and torch.equal(logits.grad < 0, labels > 0)
