@@ -1,0 +1,367 @@
+"""The training loop: AdamW, warm-up + cosine schedule, clipping, AMP on CUDA, exact resume, DDP.
+
+Contract: the model's ``forward(images, targets)`` returns a dict of scalar loss tensors in training
+mode (torchvision's detection convention); the loop minimises their sum. A model may also define
+``training_stats() -> dict[str, float]`` (e.g. kept-token ratios), logged with every step.
+
+Exact resume: data order is a pure function of ``(seed, epoch)``, every sample's augmentation randomness
+of ``(seed, epoch, index)``, and checkpoints carry the model, optimizer, scheduler, step, data position and
+every RNG state, so a resumed run repeats the uninterrupted run's steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from spa.engine.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    load_checkpoint,
+    load_model_state,
+    restore_rng,
+    save_checkpoint,
+)
+from spa.engine.distributed import DistInfo, init_distributed
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "epoch_batches", "move_to"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss is NaN or infinite; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings of one run."""
+
+    out_dir: str = "runs/train"
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.01
+    clip_grad: float | None = 5.0
+    amp: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 50
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("lr must be > 0 and warmup_steps >= 0")
+
+
+def epoch_batches(
+    num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """This rank's batches of dataset indices for ``epoch``: a seeded permutation, sharded like
+    ``DistributedSampler`` (padded by wrapping so every rank gets the same number of batches)."""
+    if num_items < 1:
+        raise ValueError("the training set is empty")
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_rank = math.ceil(num_items / world_size)
+    perm = (perm * math.ceil(per_rank * world_size / num_items))[: per_rank * world_size]
+    mine = perm[rank::world_size]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+class _SeededItems(Dataset):
+    """``dataset[index]`` under RNG seeded from ``(seed, epoch, index)``: augmentation is reproducible."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        item_seed = (self.seed * 1_000_003 + epoch * 10_007 + index) % (2**31)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)
+            np.random.seed(item_seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """Move tensors inside nested lists/tuples/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to(v, device) for v in obj)
+    return obj
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.endswith("relative_position_bias_table")
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class Trainer:
+    """Runs the training loop for ``model`` on ``dataset``.
+
+    Args:
+        model: returns a dict of losses from ``model(images, targets)`` in training mode.
+        dataset: items are ``(image, target)``; batches are built with ``collate_fn``.
+        collate_fn: turns a list of items into ``(images, targets)``.
+        config: a ``TrainConfig``.
+        meta: what the checkpoint must match to be resumed or evaluated (model name, options, task).
+        dist_info: process group info (default: from the torchrun environment).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        collate_fn: Callable[[list], tuple[Any, Any]],
+        config: TrainConfig,
+        meta: dict[str, Any],
+        dist_info: DistInfo | None = None,
+    ) -> None:
+        self.config = config
+        self.meta = meta
+        self.dist = dist_info or init_distributed()
+        self.device = self.dist.device
+        self.model = model.to(self.device)
+        self.train_model: nn.Module = self.model
+        if self.dist.distributed:
+            # An SPA block can keep zero tokens on one rank: its parameters then get no gradient there.
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.batches_per_epoch = len(
+            epoch_batches(
+                len(dataset), config.batch_size, config.seed, 0, self.dist.rank, self.dist.world_size
+            )
+        )
+        self.total_steps = config.max_steps or config.epochs * self.batches_per_epoch
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(config.warmup_steps, self.total_steps, config.min_lr_ratio)
+        )
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.step = 0
+        self.epoch = 0
+        self.next_batch = 0
+        self._writer = None
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "next_batch": self.next_batch,
+            "rng": capture_rng(),
+            "config": asdict(self.config),
+            "meta": self.meta,
+        }
+
+    def save(self, name: str = "last.pt") -> Path | None:
+        """Write a checkpoint (main process only)."""
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.checkpoint_dir / name, self.state())
+
+    def resume(self, path: str | Path) -> None:
+        """Continue exactly from a checkpoint of this model and configuration."""
+        state = load_checkpoint(path)
+        if state.get("meta") != self.meta:
+            theirs, ours = state.get("meta") or {}, self.meta
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise CheckpointError(
+                f"{path} was written for another model or configuration (differs in {diff}: "
+                f"checkpoint {[theirs.get(k) for k in diff]} vs this run {[ours.get(k) for k in diff]})"
+            )
+        load_model_state(self.model, state["model"], source=str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.next_batch = state["step"], state["epoch"], state["next_batch"]
+        restore_rng(state["rng"])
+        self._truncate_log(self.step)
+
+    # -- logging -----------------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines past ``step`` (written by an interrupted run after its last checkpoint)."""
+        if not self.dist.is_main or not self.log_path.exists():
+            return
+        lines = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        self.log_path.write_text("".join(ln + "\n" for ln in lines))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out_dir / "tb"))
+            except ImportError:  # tensorboard is optional
+                self._writer = False
+        if self._writer:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._writer.add_scalar(key, value, record["step"])
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _loader(self, epoch: int, start: int) -> Iterator:
+        batches = epoch_batches(
+            len(self.dataset),
+            self.config.batch_size,
+            self.config.seed,
+            epoch,
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        keyed = [[(epoch, i) for i in batch] for batch in batches[start:]]
+        return iter(
+            DataLoader(
+                _SeededItems(self.dataset, self.config.seed),
+                batch_sampler=keyed,
+                collate_fn=self.collate_fn,
+                num_workers=self.config.num_workers,
+                # its own generator: creating the iterator must not draw from the global RNG
+                generator=torch.Generator().manual_seed(self.config.seed + epoch),
+            )
+        )
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.dist.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item() > 0)
+
+    def train_step(self, images: Any, targets: Any) -> dict[str, float]:
+        """One optimizer step; returns the logged values."""
+        self.train_model.train()
+        autocast = self.config.amp and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            losses = self.train_model(images, targets)
+        if not isinstance(losses, dict) or not losses:
+            raise TypeError("in training mode the model must return a non-empty dict of losses")
+        loss = sum(losses.values())
+        if not self._all_finite(loss):
+            last = self.checkpoint_dir / "last.pt"
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} (epoch {self.epoch}, batch {self.next_batch}): "
+                f"{values}; training stopped"
+                + (f", last good checkpoint {last} left untouched" if last.exists() else "")
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = None
+        if self.config.clip_grad:
+            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad))
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        record = {"lr": lr, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        stats = getattr(self.model, "training_stats", None)
+        if callable(stats):
+            record.update(stats())
+        return record
+
+    def train(self, resume: str | Path | None = None) -> dict[str, Any]:
+        """Train until ``max_steps`` or the last epoch; returns a summary with the last checkpoint path."""
+        if resume is not None:
+            self.resume(resume)
+        else:
+            torch.manual_seed(self.config.seed)
+            random.seed(self.config.seed)
+            np.random.seed(self.config.seed)
+        progress = None
+        if self.config.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        last_record: dict[str, Any] = {}
+        start_time = time.perf_counter()
+        while self.step < self.total_steps:  # max_steps, when given, overrides epochs
+            for images, targets in self._loader(self.epoch, self.next_batch):
+                record = self.train_step(move_to(images, self.device), move_to(targets, self.device))
+                self.step += 1
+                self.next_batch += 1
+                if self.next_batch == self.batches_per_epoch:
+                    self.epoch, self.next_batch = self.epoch + 1, 0
+                record = {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    **record,
+                }
+                record["time_s"] = round(time.perf_counter() - start_time, 3)
+                last_record = record
+                if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                    self._log(record)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}")
+                if self.step % self.config.checkpoint_every == 0 or self.next_batch == 0:
+                    self.save()
+                    if self.next_batch == 0:
+                        self.save(f"epoch_{self.epoch:03d}.pt")
+                if self.step >= self.total_steps or self.next_batch == 0:
+                    break
+        if progress is not None:
+            progress.close()
+        path = self.save()
+        return {"steps": self.step, "epoch": self.epoch, "last": last_record, "checkpoint": str(path)}

@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from spa.engine import CheckpointError, NonFiniteLossError, TrainConfig, Trainer, load_checkpoint
+from spa.engine.checkpoint import load_model_state, save_checkpoint
+from spa.engine.distributed import DistInfo
+from spa.engine.trainer import epoch_batches
+
+SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+META = {"model": "toy", "width": 8}
+
+
+class NoisyData(torch.utils.data.Dataset):
+    """Items with random augmentation, so resume must restore per-sample randomness too."""
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, i: int):
+        x = torch.arange(4.0) * (i + 1) / 20 + 0.1 * torch.randn(4)
+        return x, torch.tensor(float(i % 3))
+
+
+class Toy(nn.Module):
+    def __init__(self, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.ReLU(), nn.Linear(8, 1))
+        self.calls, self.nan_at = 0, nan_at
+
+    def forward(self, x, y):
+        self.calls += 1
+        pred = self.net(x).squeeze(1)
+        loss = ((pred - y) ** 2).mean()
+        if self.calls == self.nan_at:
+            loss = loss * float("nan")
+        return {"loss_mse": loss, "loss_l1": 0.1 * (pred - y).abs().mean()}
+
+    def training_stats(self):
+        return {"calls": float(self.calls)}
+
+
+def collate(items):
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+def make(tmp_path, name, model=None, init_seed=123, **overrides):
+    cfg = dict(out_dir=str(tmp_path / name), max_steps=12, batch_size=3, warmup_steps=4, lr=1e-2)
+    cfg.update(checkpoint_every=3, progress=False)
+    cfg.update(overrides)
+    torch.manual_seed(init_seed)
+    return Trainer(model or Toy(), NoisyData(), collate, TrainConfig(**cfg), META, dist_info=SINGLE)
+
+
+def losses(run_dir):
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    }
+
+
+def test_resume_after_a_kill_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
+    full = make(tmp_path, "a")
+    full.train()
+
+    killed = make(tmp_path, "b")
+    original_step = killed.train_step
+
+    def dies_at_step_11(images, targets):
+        if killed.step == 10:
+            raise KeyboardInterrupt("killed")
+        return original_step(images, targets)
+
+    killed.train_step = dies_at_step_11
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert state["step"] == 9 and state["epoch"] == 1 and state["next_batch"] == 2  # mid-epoch, after warm-up
+    assert max(losses(tmp_path / "b")) == 10  # a step was logged after the checkpoint
+
+    resumed = make(tmp_path, "b", init_seed=999)  # other initial weights: resume must restore them
+    resumed.train(resume=tmp_path / "b" / "checkpoints" / "last.pt")
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 13))
+    for step in range(10, 13):
+        assert b[step] == pytest.approx(a[step], abs=1e-6, rel=0)
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def test_schedule_and_logs(tmp_path):
+    trainer = make(tmp_path, "a", max_steps=None, epochs=2, warmup_steps=3)
+    summary = trainer.train()
+    assert summary["steps"] == 14 and summary["epoch"] == 2  # 7 batches per epoch
+    records = [json.loads(ln) for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] < lrs[1] < lrs[2] and lrs[-1] < lrs[3]  # warm-up, then cosine decay
+    assert {"loss", "loss_mse", "loss_l1", "grad_norm", "calls"} <= records[0].keys()
+    ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert ckpts == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = make(tmp_path, "a", model=Toy(nan_at=5))
+    with pytest.raises(NonFiniteLossError, match="step 5") as err:
+        trainer.train()
+    assert "left untouched" in str(err.value)
+    state = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    make(tmp_path, "a", max_steps=3).train()
+    other = make(tmp_path, "b")
+    other.meta = {"model": "toy", "width": 16}
+    with pytest.raises(CheckpointError, match="width"):
+        other.resume(tmp_path / "a" / "checkpoints" / "last.pt")
+
+
+def test_unreadable_checkpoints_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(garbage)
+    good = save_checkpoint(tmp_path / "good.pt", {"model": {"w": torch.ones(100)}})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(truncated)
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an spa checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_model_is_never_half_loaded():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    bad["1.weight"] = torch.zeros(3, 8)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_model_state(model, bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.ones(3)}, "step": 1})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_epoch_batches_shard_and_repeat():
+    shards = [epoch_batches(10, 2, seed=0, epoch=1, rank=r, world_size=3) for r in range(3)]
+    flat = [i for shard in shards for batch in shard for i in batch]
+    assert set(flat) == set(range(10)) and len(flat) == 12  # padded by wrapping, 4 per rank
+    assert all(len(s) == 2 for s in shards)
+    assert epoch_batches(10, 2, 0, 1) == epoch_batches(10, 2, 0, 1) != epoch_batches(10, 2, 0, 2)
+    with pytest.raises(ValueError, match="empty"):
+        epoch_batches(0, 2, 0, 0)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
