@@ -205,18 +205,14 @@ class SPABlock(nn.Module):
     def geometry(self, height: int, width: int, device: torch.device) -> WindowGeometry:
         """Window geometry of an ``height x width`` map (cached).
 
-        The size rule is applied to the actual map. A map that needs a smaller window than the block was built
-        for (a smaller input) works: offsets inside the smaller window index the same bias table. A map that
-        needs a larger window than the table covers raises.
+        The size rule is applied to the actual map, so any size works. A map that needs a smaller window than
+        the block was built for indexes the same bias table with its smaller offsets; a map that needs a larger
+        window (the block was built for a smaller input) has its offsets clipped to the table's range, as for
+        any pair of packed tokens (no equality with timm is promised there).
         """
         key = (height, width, str(device))
         if key not in self._geometry_cache:
             window, shift = window_shift((height, width), self.target_window, self.target_shift)
-            if any(w > b for w, b in zip(window, self.window_size)):
-                raise ValueError(
-                    f"a {height}x{width} map needs window {window}, but this block's bias table was built for "
-                    f"{self.window_size}; build the model for this input size (img_size)"
-                )
             self._geometry_cache[key] = window_geometry(height, width, window, shift, device)
         return self._geometry_cache[key]
 

@@ -1,0 +1,211 @@
+"""SPA block against a slow reference written from the spec (neighbourhood, region mask, bias rules)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spa.models.spa_block import SPABlock
+
+
+def _window_shift(H: int, W: int, M: int, shift: int) -> tuple[int, int, int, int]:
+    """timm's size rule, restated: window shrinks to a smaller map, no shift where the map fits."""
+    wh, ww = min(H, M), min(W, M)
+    sh = 0 if H <= M else shift
+    sw = 0 if W <= M else shift
+    return wh, ww, sh, sw
+
+
+def _region(index: int, padded: int, window: int, shift: int) -> int:
+    """Swin's shifted-window region label along one axis (slices (0,-M), (-M,-s), (-s,None) of the padded map)."""
+    if shift == 0 or index < padded - window:
+        return 0
+    return 1 if index < padded - shift else 2
+
+
+def reference_block(block: SPABlock, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Loops over images, chunks and token pairs; the block's weights, the spec's rules."""
+    B, H, W, _ = x.shape
+    M = block.target_window[0]
+    wh, ww, sh, sw = _window_shift(H, W, M, block.target_shift[0])
+    hp, wp = -(-H // wh) * wh, -(-W // ww) * ww
+    L = wh * ww
+    heads = block.attn.num_heads
+    hd = block.attn.head_dim
+    table = block.attn.relative_position_bias_table
+    table_w = 2 * block.window_size[1] - 1
+    th, tw = block.window_size
+    own = block.gate.proj(x).squeeze(-1)
+    soft = None if block.gate.select == "all" else torch.sigmoid(own)
+    out = x.clone()
+    for b in range(B):
+        sequence = []  # (rolled row, rolled col, image row, image col) of kept tokens in window order
+        for wr in range(hp // wh):
+            for wc in range(wp // ww):
+                for i in range(wh):
+                    for j in range(ww):
+                        r, c = wr * wh + i, wc * ww + j
+                        if r < H and c < W:
+                            ir, ic = (r + sh) % H, (c + sw) % W
+                            if keep[b, ir, ic]:
+                                sequence.append((r, c, ir, ic))
+        for start in range(0, len(sequence), L):
+            chunk = sequence[start : start + L]
+            tokens = torch.stack([x[b, ir, ic] for _, _, ir, ic in chunk])
+            qkv = F.linear(block.norm1(tokens), block.attn.qkv.weight, block.attn.qkv.bias)
+            q, k, v = qkv.view(len(chunk), 3, heads, hd).unbind(1)
+            attended = []
+            for i, (ri, ci, _, _) in enumerate(chunk):
+                logits, values = [], []
+                for j, (rj, cj, _, _) in enumerate(chunk):
+                    same_region = _region(ri, hp, wh, sh) == _region(rj, hp, wh, sh) and _region(
+                        ci, wp, ww, sw
+                    ) == _region(cj, wp, ww, sw)
+                    if not same_region:
+                        continue
+                    dh = max(-(th - 1), min(th - 1, ri - rj)) + th - 1
+                    dw = max(-(tw - 1), min(tw - 1, ci - cj)) + tw - 1
+                    bias = table[dh * table_w + dw]  # [heads]
+                    logits.append((q[i] * k[j]).sum(-1) * hd**-0.5 + bias)
+                    values.append(v[j])
+                weights = torch.stack(logits).softmax(0)  # [n, heads]
+                attended.append((weights[:, :, None] * torch.stack(values)).sum(0).reshape(-1))
+            update = block.attn.proj(torch.stack(attended))
+            for i, (_, _, ir, ic) in enumerate(chunk):
+                factor = 1.0 if soft is None else soft[b, ir, ic]
+                y = x[b, ir, ic] + factor * update[i]
+                out[b, ir, ic] = y + block.mlp(block.norm2(y))
+    return out
+
+
+def _mixed_keep(B: int, H: int, W: int, window: int, generator: torch.Generator) -> torch.Tensor:
+    """Per window of the image grid: empty, full or a random partial selection."""
+    keep = torch.zeros(B, H, W, dtype=torch.bool)
+    for b in range(B):
+        for r in range(0, H, window):
+            for c in range(0, W, window):
+                mode = (b + r // window * 3 + c // window) % 3
+                cell = keep[b, r : r + window, c : c + window]
+                if mode == 1:
+                    cell.fill_(True)
+                elif mode == 2:
+                    cell.copy_(torch.rand(cell.shape, generator=generator) < 0.5)
+    return keep
+
+
+def _block(resolution, shift: int, **kwargs) -> SPABlock:
+    block = SPABlock(16, resolution, num_heads=2, window_size=7, shift_size=shift, **kwargs).eval()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_(0, 1.0)
+        block.gate.proj.weight.normal_(0, 0.5)
+    return block
+
+
+CASES = [((14, 14), 0), ((14, 14), 3), ((10, 12), 3), ((6, 9), 3), ((5, 5), 3), ((9, 8), 0)]
+
+
+@pytest.mark.parametrize(("resolution", "shift"), CASES)
+def test_partial_keep_matches_reference(resolution, shift) -> None:
+    H, W = resolution
+    generator = torch.Generator().manual_seed(H * 31 + W + shift)
+    block = _block(resolution, shift)
+    x = torch.randn(3, H, W, 16, generator=generator)
+    keep = _mixed_keep(3, H, W, 7, generator)
+    with torch.no_grad():
+        out, selection = block(x, keep=keep)
+        expected = reference_block(block, x, keep)
+    assert torch.equal(selection.keep, keep)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert torch.equal(out[~keep], x[~keep])  # unselected tokens pass through bit-identical
+
+
+def test_select_all_matches_reference_and_counts_windows() -> None:
+    block = _block((14, 14), 3, select="all")
+    x = torch.randn(2, 14, 14, 16)
+    keep = torch.ones(2, 14, 14, dtype=torch.bool)
+    with torch.no_grad():
+        out, selection = block(x)
+        expected = reference_block(block, x, keep)
+    assert selection.keep.all()
+    assert block.last_packed.num_containers == 2 * 4  # one container per window
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_layouts_agree(shift: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 10, 12, 16, generator=generator)
+    keep = _mixed_keep(4, 10, 12, 7, generator)
+    keep[1] = False  # an image with nothing kept
+    outputs = {}
+    for layout in ("containers", "padded", "masked", "stream"):
+        torch.manual_seed(0)
+        block = _block((10, 12), shift, layout=layout)
+        with torch.no_grad():
+            outputs[layout] = block(x, keep=keep)[0]
+    for layout in ("padded", "masked"):
+        torch.testing.assert_close(outputs[layout], outputs["containers"], atol=1e-5, rtol=0)
+    assert outputs["stream"].shape == x.shape and torch.isfinite(outputs["stream"]).all()
+    assert torch.equal(outputs["stream"][~keep], x[~keep])
+
+
+def test_ffn_all_updates_unkept_tokens() -> None:
+    block = _block((7, 7), 0, ffn="all")
+    x = torch.randn(2, 7, 7, 16)
+    keep = torch.rand(2, 7, 7) < 0.5
+    with torch.no_grad():
+        out, _ = block(x, keep=keep)
+        rest = x[~keep]
+        torch.testing.assert_close(out[~keep], rest + block.mlp(block.norm2(rest)), atol=1e-6, rtol=0)
+
+
+def test_zero_kept_and_previous_logits() -> None:
+    block = _block((7, 7), 0)
+    x = torch.randn(2, 7, 7, 16)
+    previous = torch.full((2, 7, 7), 3.0)
+    with torch.no_grad():
+        out, selection = block(x, previous_logits=previous, keep=torch.zeros(2, 7, 7, dtype=torch.bool))
+    assert torch.equal(out, x) and block.last_packed.num_containers == 0
+    assert torch.all(selection.fused_logits >= 3.0)
+    torch.testing.assert_close(selection.fused_logits, torch.maximum(selection.own_logits, previous))
+
+
+def test_drop_path_is_per_image_and_train_mode_runs() -> None:
+    block = _block((7, 7), 0, drop_path=0.5, ffn="all").train()
+    x = torch.randn(8, 7, 7, 16, requires_grad=True)
+    out, selection = block(x)
+    out.sum().backward()
+    assert x.grad is not None and block.gate.proj.weight.grad is not None
+    changed = (out - x).detach().abs().amax(-1).flatten(1) > 0  # [B, N]
+    # one draw per image for the whole block: every token of an image is updated, or none is
+    assert torch.all(changed.all(1) | (~changed).all(1))
+    assert changed.all(1).any() and (~changed).all(1).any()
+    assert selection.keep.any()
+
+
+def test_bad_keep_override() -> None:
+    block = _block((7, 7), 0)
+    x = torch.randn(1, 7, 7, 16)
+    with pytest.raises(TypeError, match="keep"):
+        block(x, keep=torch.ones(1, 7, 7))
+    with pytest.raises(ValueError, match="keep"):
+        block(x, keep=torch.ones(1, 6, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="previous_logits"):
+        block(x, previous_logits=torch.zeros(1, 49))
+    with pytest.raises(ValueError, match="SPABlock expects"):
+        block(torch.randn(1, 7, 7, 8))
+
+
+def test_maps_of_other_sizes_than_built() -> None:
+    block = _block((14, 14), 3)
+    with torch.no_grad():
+        out, _ = block(torch.randn(1, 5, 6, 16))
+    assert out.shape == (1, 5, 6, 16)
+    small = _block((4, 4), 0)  # bias table of a 4x4 window: larger offsets are clipped to it
+    x = torch.randn(1, 14, 14, 16)
+    keep = _mixed_keep(1, 14, 14, 7, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, _ = small(x, keep=keep)
+        assert small.last_packed.length == 49
+        torch.testing.assert_close(out, reference_block(small, x, keep), atol=1e-5, rtol=0)
