@@ -90,12 +90,9 @@ def box_grid(boxes: torch.Tensor | None, size: tuple[int, int], stride: int = 1)
     out = torch.zeros(gh, gw, dtype=torch.bool)
     if boxes.shape[0] == 0 or gh == 0 or gw == 0:
         return out
-    rng = _box_ranges(boxes.cpu(), size, stride)
-    cols = torch.arange(gw)
-    rows = torch.arange(gh)
-    in_c = (cols[None, :] >= rng[:, 0:1]) & (cols[None, :] < rng[:, 2:3])  # [M, gw]
-    in_r = (rows[None, :] >= rng[:, 1:2]) & (rows[None, :] < rng[:, 3:4])  # [M, gh]
-    return (in_r[:, :, None] & in_c[:, None, :]).any(0)
+    for c0, r0, c1, r1 in _box_ranges(boxes.detach().cpu(), size, stride).tolist():
+        out[r0:r1, c0:c1] = True  # empty ranges (degenerate boxes) write nothing
+    return out
 
 
 def foreground_mask(
