@@ -1,0 +1,74 @@
+"""spa.flops.count_macs against PyTorch's FlopCounterMode, and kept vs executed MACs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.swin_transformer import SwinTransformer
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import spa
+from spa.flops import count_macs
+
+
+def _torch_gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Half of FlopCounterMode's FLOPs (2 per MAC), per image; math SDPA so attention matmuls are counted."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2 / x.shape[0] / 1e9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "size"),
+    [
+        (dict(img_size=224), 224),
+        (dict(img_size=112, spa_stages=(1, 2, 3), ffn="all"), 112),
+        (dict(img_size=224, depths=(1, 1, 4, 2)), 224),
+    ],
+)
+def test_select_all_matches_flop_counter(kwargs, size: int) -> None:
+    model = spa.create_model("spt_nano", select="all", **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    macs = count_macs(model, x)
+    expected = _torch_gmacs(model, x)
+    assert macs.kept == pytest.approx(expected, rel=1e-9)
+    assert macs.executed == pytest.approx(expected, rel=1e-9)
+    assert sum(e for _, e in macs.by_module.values()) == pytest.approx(macs.executed)
+
+
+def test_executed_matches_flop_counter_with_partial_keep() -> None:
+    for layout in ("containers", "padded", "masked", "stream"):
+        model = spa.create_model("spt_nano", img_size=112, gate_init=0.3, layout=layout).eval()
+        x = torch.randn(3, 3, 112, 112)
+        macs = count_macs(model, x)
+        assert macs.executed == pytest.approx(_torch_gmacs(model, x), rel=1e-9), layout
+        assert macs.kept < macs.executed, layout
+
+
+def test_kept_is_layout_independent_and_below_dense() -> None:
+    x = torch.randn(3, 3, 112, 112)
+    results = {}
+    for layout in ("containers", "padded", "masked"):
+        torch.manual_seed(0)
+        model = spa.create_model("spt_nano", img_size=112, gate_init=0.3, layout=layout).eval()
+        results[layout] = count_macs(model, x)
+    torch.manual_seed(0)
+    dense = count_macs(spa.create_model("spt_nano", img_size=112, select="all").eval(), x)
+    kept = {k: r.kept for k, r in results.items()}
+    assert kept["padded"] == pytest.approx(kept["containers"]) == pytest.approx(kept["masked"])
+    assert results["containers"].kept < dense.kept
+    assert results["containers"].executed <= results["padded"].executed <= results["masked"].executed
+
+
+def test_swin_padding_counts_as_executed_only() -> None:
+    swin = SwinTransformer(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), img_size=160).eval()
+    x = torch.randn(1, 3, 160, 160)  # 40x40 map: padded to 42x42 windows
+    macs = count_macs(swin, x)
+    assert macs.executed == pytest.approx(_torch_gmacs(swin, x), rel=1e-9)
+    assert macs.kept < macs.executed
+
+
+def test_bad_images() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        count_macs(spa.create_model("spt_nano"), torch.zeros(0, 3, 64, 64))
