@@ -24,7 +24,8 @@ Everything here is pure (no module state) so it can be property-tested.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -41,7 +42,7 @@ class Packed:
     tensors are ``[K, S]`` long with ``-1`` in padding slots.
 
     Attributes:
-        tokens: ``[K, S, C]`` packed tokens (zeros in padding slots; for ``masked`` the input itself).
+        inputs: the ``[B, N, C]`` tokens that were packed (a reference, not a copy).
         image: source image of every slot.
         position: index of the slot's token in the visiting sequence (``order``), e.g. its place in window
             order; attention hooks look up coordinates with it.
@@ -55,7 +56,7 @@ class Packed:
         length: chunk length ``L``.
     """
 
-    tokens: torch.Tensor
+    inputs: torch.Tensor
     image: torch.Tensor
     position: torch.Tensor
     segment: torch.Tensor
@@ -66,6 +67,14 @@ class Packed:
     batch_size: int
     num_tokens: int
     length: int
+
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        """``[K, S, C]`` packed tokens, zeros in padding slots (for ``masked``: the input itself).
+
+        Built on first access: a block that works on rows (``select``) never pays for this copy.
+        """
+        return self.gather(self.inputs)
 
     @property
     def num_containers(self) -> int:
@@ -280,8 +289,8 @@ def pack(
         out = torch.full((num_containers * slots,), -1, device=device, dtype=torch.long)
         return out.index_copy(0, dest, values).view(num_containers, slots)
 
-    packed = Packed(
-        tokens=x.new_empty(0),
+    return Packed(
+        inputs=x,
         image=scatter(batch_idx),
         position=scatter(seq_pos),
         segment=scatter(segment),
@@ -293,4 +302,3 @@ def pack(
         num_tokens=N,
         length=length,
     )
-    return replace(packed, tokens=packed.gather(x))
