@@ -11,6 +11,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = [
     "spa.bench",
     "spa.demo",
+    "spa.engine.commands",
     "spa.data.cli",
 ]
 

@@ -56,6 +56,7 @@ class TrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.01
     clip_grad: float | None = 5.0
+    gate_lr_scale: float = 10.0
     amp: bool = True
     seed: int = 0
     num_workers: int = 0
@@ -119,14 +120,25 @@ def move_to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr_scale: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases and bias tables; token gates (``*.gate.*``) at
+    ``lr * gate_lr_scale`` (they start from scratch on a pretrained backbone and are scored by a small
+    auxiliary loss, so at the backbone's rate they barely move in a short run)."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim <= 1 or name.endswith("relative_position_bias_table")
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = param.ndim <= 1 or name.endswith("relative_position_bias_table")
+        is_gate = ".gate." in f".{name}"
+        groups.setdefault((no_decay, is_gate), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr": lr * (gate_lr_scale if is_gate else 1.0),
+        }
+        for (no_decay, is_gate), params in sorted(groups.items())
+    ]
 
 
 def _lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -149,6 +161,7 @@ class Trainer:
         config: a ``TrainConfig``.
         meta: what the checkpoint must match to be resumed or evaluated (model name, options, task).
         dist_info: process group info (default: from the torchrun environment).
+        extra: more to store in every checkpoint (e.g. the run's full configuration).
     """
 
     def __init__(
@@ -159,8 +172,10 @@ class Trainer:
         config: TrainConfig,
         meta: dict[str, Any],
         dist_info: DistInfo | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
+        self.extra = extra or {}
         self.meta = meta
         self.dist = dist_info or init_distributed()
         self.device = self.dist.device
@@ -181,10 +196,11 @@ class Trainer:
             )
         )
         self.total_steps = config.max_steps or config.epochs * self.batches_per_epoch
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay), lr=config.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(config.warmup_steps, self.total_steps, config.min_lr_ratio)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, config.lr, config.weight_decay, config.gate_lr_scale), lr=config.lr
         )
+        self._lr_factor = _lr_lambda(config.warmup_steps, self.total_steps, config.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.step = 0
@@ -204,6 +220,7 @@ class Trainer:
             "rng": capture_rng(),
             "config": asdict(self.config),
             "meta": self.meta,
+            "extra": self.extra,
         }
 
     def save(self, name: str = "last.pt") -> Path | None:
@@ -309,7 +326,7 @@ class Trainer:
         grad_norm = None
         if self.config.clip_grad:
             grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad))
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        lr = self.config.lr * self._lr_factor(self.scheduler.last_epoch)  # the base rate this step used
         self.optimizer.step()
         self.scheduler.step()
         record = {"lr": lr, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
@@ -342,12 +359,7 @@ class Trainer:
                 self.next_batch += 1
                 if self.next_batch == self.batches_per_epoch:
                     self.epoch, self.next_batch = self.epoch + 1, 0
-                record = {
-                    "step": self.step,
-                    "epoch": self.epoch,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    **record,
-                }
+                record = {"step": self.step, "epoch": self.epoch, **record}
                 record["time_s"] = round(time.perf_counter() - start_time, 3)
                 last_record = record
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:

@@ -21,7 +21,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from spa.labels import batch_selection_labels
+from spa.labels import batch_selection_labels, grid_size
 from spa.losses import selection_loss
 from spa.selection import Selection
 from spa.tasks.backbones import build_body
@@ -151,12 +151,31 @@ class SPADetector(nn.Module):
         return out
 
     @torch.no_grad()
+    def token_counts(self) -> dict[int, torch.Tensor]:
+        """Per SPA stage, summed over its blocks: ``[kept object, object, kept background, background]``
+        tokens of the latest forward (which must have had targets), over the real image area only."""
+        out: dict[int, torch.Tensor] = {}
+        sizes = self.detector.transform.last_image_sizes
+        for sel in self.selections:
+            labels = self.selection_labels(sel.stride).to(sel.keep.device) > 0.5
+            valid = torch.zeros_like(labels)
+            for i, size in enumerate(sizes):
+                h, w = grid_size(size, sel.stride)
+                valid[i, :h, :w] = True
+            obj, bg = labels & valid, ~labels & valid
+            counts = torch.stack([(sel.keep & obj).sum(), obj.sum(), (sel.keep & bg).sum(), bg.sum()])
+            out[sel.stage] = out.get(sel.stage, 0) + counts.double().cpu()
+        return out
+
+    @torch.no_grad()
     def training_stats(self) -> dict[str, float]:
-        """Kept-token ratio per SPA stage in the latest forward (all tokens, object and background)."""
+        """Kept-token ratio per SPA stage on object and on background tokens in the latest forward."""
         stats: dict[str, float] = {}
-        for stage in sorted({s.stage for s in self.selections}):
-            keeps = [s.keep.float().mean() for s in self.selections if s.stage == stage]
-            stats[f"keep_stage{stage + 1}"] = float(torch.stack(keeps).mean())
+        if not self.selections or self.detector.transform.last_targets is None:
+            return stats
+        for stage, c in sorted(self.token_counts().items()):
+            stats[f"keep_obj_stage{stage + 1}"] = float(c[0] / c[1]) if c[1] else float("nan")
+            stats[f"keep_bg_stage{stage + 1}"] = float(c[2] / c[3]) if c[3] else float("nan")
         return stats
 
 

@@ -15,7 +15,6 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
 from spa.flops import count_macs
-from spa.labels import grid_size
 from spa.tasks.detection import SPADetector
 
 __all__ = ["COCO_METRICS", "coco_metrics", "evaluate_detection", "format_metrics", "to_coco_results"]
@@ -60,25 +59,6 @@ def to_coco_results(
     return box_results, mask_results
 
 
-def _token_counts(model: SPADetector) -> dict[int, torch.Tensor]:
-    """Per SPA stage: [kept object, object, kept background, background] tokens of the latest forward,
-    over the real image area (batch padding excluded)."""
-    out: dict[int, torch.Tensor] = {}
-    sizes = model.detector.transform.last_image_sizes
-    for sel in model.selections:
-        labels = model.selection_labels(sel.stride).to(sel.keep.device) > 0.5
-        valid = torch.zeros_like(labels)
-        for i, size in enumerate(sizes):
-            h, w = grid_size(size, sel.stride)
-            valid[i, :h, :w] = True
-        obj, bg = labels & valid, ~labels & valid
-        counts = (
-            torch.stack([(sel.keep & obj).sum(), obj.sum(), (sel.keep & bg).sum(), bg.sum()]).double().cpu()
-        )
-        out[sel.stage] = out.get(sel.stage, torch.zeros(4, dtype=torch.float64)) + counts
-    return out
-
-
 @torch.no_grad()
 def evaluate_detection(
     model: SPADetector,
@@ -114,7 +94,7 @@ def evaluate_detection(
         images = [im.to(device) for im in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         predictions = model(images, targets)
-        for stage, counts in _token_counts(model).items():
+        for stage, counts in model.token_counts().items():
             tokens[stage] = tokens.get(stage, torch.zeros(4, dtype=torch.float64)) + counts
         for prediction, target in zip(predictions, targets):
             b, m = to_coco_results(prediction, int(target["image_id"]), dataset.label_to_cat_id)
