@@ -1,21 +1,46 @@
-"""Benchmarks: ``spa bench block`` times one SPA block against timm's dense Swin block.
+"""Benchmarks: ``spa bench block`` (one SPA block vs timm's Swin block) and ``spa bench backbone``.
 
-Method: every configuration is warmed up, then all configurations are timed in interleaved rounds (one
-call each per round, in a shuffled order), so that machine noise hits them alike. A configuration's
+``spa bench block`` method: every configuration is warmed up, then all configurations are timed in interleaved
+rounds (one call each per round, in a shuffled order), so that machine noise hits them alike. A configuration's
 ``ms`` is the median over rounds; ``ratio_to_dense`` is the median over rounds of its time divided by the
 dense block's time in the same round. Keep ratios are forced with ``select='topk'`` (the gate's top
 tokens, the same count in every image).
+
+``spa bench backbone`` method: whole ``features_only`` backbones (``spa.tasks.build_body``: SPT variants and
+their dense timm Swin baselines of the same width, random weights, drop path off) on random images.
+
+- Timing: one worker process per (size, batch size) (``python -m spa.bench _worker``) builds every model
+  once, then times all configurations (dense and SPT, train step and inference) in the same interleaved,
+  shuffled rounds as ``bench block``, after ``warmup`` calls each. A train step is forward + backward of the
+  backbone alone with the loss ``sum`` of every output map (``zero_grad`` included, no optimizer); inference
+  is a forward under ``torch.inference_mode`` in eval mode. ``*_img_s`` = batch / median time;
+  ``train_ratio_to_dense`` / ``infer_ratio_to_dense`` = median over rounds of (this configuration's time /
+  the dense baseline's time in the same round): a TIME ratio, below 1 means faster than dense. Dense
+  records have ratio 1.0. SPT configurations switch ``select``/``keep_ratio``/``layout`` on the same model
+  (same weights) before each call.
+- Cost: ``spa.flops.count_macs`` on the same batch in eval mode (GMACs per image, kept-token and executed),
+  with ``gmacs_*_ratio_to_dense``; ``kept_ratio_measured`` is the mean kept fraction over SPA blocks.
+- Memory: every configuration once more in its own short worker process (build, one inference pass, one
+  train step); ``peak_rss_mb`` is that process's ``ru_maxrss`` (so it includes Python + torch; ``base_rss_mb`` is
+  the peak after the imports, ``peak_rss_delta_mb`` the difference), ``infer_peak_rss_mb`` the peak after inference only.
+- Configurations: ``select='topk'`` at forced keep ratios (default 1.0/0.5/0.3/0.2) for each layout
+  (``containers``, and ``stream``/``padded``/``masked`` as peer baselines); ``select='gate'`` (the trained
+  gate, ``keep_ratio`` = measured kept fraction) for the backbone of a detection checkpoint
+  (``--checkpoint``); ``select='dense'``, ``layout='dense'`` for the timm Swin baselines.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -24,7 +49,7 @@ from torch import nn
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
 
-__all__ = ["bench_block", "register"]
+__all__ = ["bench_backbone", "bench_block", "format_backbone_table", "register"]
 
 
 def _timeit(fn: Callable[[], None]) -> float:
@@ -187,6 +212,355 @@ def _run_block(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- spa bench backbone ----------------------------------------------------------------------------
+
+SPT_KEEP_RATIOS = (1.0, 0.5, 0.3, 0.2)
+REQUIRED_KEYS = (
+    "model", "size", "batch_size", "select", "keep_ratio", "layout", "gmacs_kept", "gmacs_executed",
+    "train_img_s", "infer_img_s", "peak_rss_mb", "train_ratio_to_dense", "infer_ratio_to_dense",
+)  # fmt: skip
+
+
+def _dense_name(model: str) -> str:
+    return model.replace("spt_", "swin_") if model.startswith("spt_") else model
+
+
+def _backbone_configs(
+    models: Sequence[str],
+    keep_ratios: Sequence[float],
+    layouts: Sequence[str],
+    checkpoint: str | None,
+    checkpoint_model: str | None,
+) -> list[dict]:
+    """Configurations to time in one (size, batch) worker; every SPT width gets its dense baseline."""
+    from spa.tasks.backbones import BACKBONES
+
+    configs: list[dict] = []
+    dense: list[str] = []
+    for name in models:
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+        if name.startswith("spt_"):
+            for layout in layouts:
+                for ratio in keep_ratios:
+                    configs.append(
+                        {"model": name, "select": "topk", "keep_ratio": float(ratio), "layout": layout}
+                    )
+        if _dense_name(name) not in dense:
+            dense.append(_dense_name(name))
+    if checkpoint:
+        for layout in layouts:
+            configs.append(
+                {"model": checkpoint_model, "select": "gate", "keep_ratio": None, "layout": layout,
+                 "checkpoint": str(checkpoint)}
+            )  # fmt: skip
+        if _dense_name(checkpoint_model) not in dense:
+            dense.append(_dense_name(checkpoint_model))
+    configs = [{"model": d, "select": "dense", "keep_ratio": 1.0, "layout": "dense"} for d in dense] + configs
+    for cfg in configs:
+        cfg.setdefault("checkpoint", None)
+        cfg["dense_model"] = _dense_name(cfg["model"])
+    return configs
+
+
+def _build_backbone(cfg: dict, size: int) -> nn.Module:
+    from spa.tasks.backbones import build_body
+
+    if cfg.get("checkpoint"):
+        from spa.engine.commands import load_detector
+
+        return load_detector(cfg["checkpoint"])[0].backbone.body
+    if cfg["select"] == "dense":
+        return build_body(cfg["model"], size, drop_path_rate=0.0)
+    return build_body(cfg["model"], size, drop_path_rate=0.0, select="topk", keep_ratio=cfg["keep_ratio"])
+
+
+def _configure(model: nn.Module, cfg: dict) -> None:
+    """Switch every SPA block of ``model`` to the configuration's selection mode and layout."""
+    if cfg["select"] == "dense":
+        return
+    for block in model.modules():
+        if isinstance(block, SPABlock):
+            block.layout = cfg["layout"]
+            if cfg["select"] == "topk":
+                block.gate.select, block.gate.keep_ratio = "topk", cfg["keep_ratio"]
+
+
+def _train_step(model: nn.Module, x: torch.Tensor) -> None:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    outs = model(x)
+    loss = sum(o.float().sum() for o in outs)
+    loss.backward()
+
+
+def _infer_step(model: nn.Module, x: torch.Tensor) -> None:
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _worker_time(spec: dict, progress: Callable[[str], None]) -> list[dict]:
+    """Time every configuration of one (size, batch), interleaved; GMACs and kept ratios on the way."""
+    from spa.flops import count_macs
+
+    size, batch = spec["size"], spec["batch_size"]
+    torch.manual_seed(spec.get("seed", 0))
+    x = torch.randn(batch, 3, size, size)
+    models: dict[tuple, nn.Module] = {}
+    results: list[dict] = []
+    runs: list[tuple[int, str, Callable[[], None]]] = []
+    for i, cfg in enumerate(spec["configs"]):
+        key = (cfg["model"], cfg["select"] == "dense", cfg.get("checkpoint"))
+        if key not in models:
+            models[key] = _build_backbone(cfg, size)
+        model = models[key]
+        _configure(model, cfg)
+        model.eval()
+        macs = count_macs(model, x)
+        selections = getattr(model, "last_selections", []) if cfg["select"] != "dense" else []
+        kept = float(torch.stack([s.keep_ratio.mean() for s in selections]).mean()) if selections else 1.0
+        results.append(
+            {
+                "gmacs_kept": round(macs.kept, 4),
+                "gmacs_executed": round(macs.executed, 4),
+                "kept_ratio_measured": round(kept, 4),
+                "train_ms": [],
+                "infer_ms": [],
+            }
+        )
+
+        def run(step: Callable, model: nn.Module = model, cfg: dict = cfg) -> Callable[[], None]:
+            return lambda: (_configure(model, cfg), step(model, x))
+
+        runs.append((i, "train_ms", run(_train_step)))
+        runs.append((i, "infer_ms", run(_infer_step)))
+    for n, (_, _, fn) in enumerate(runs):
+        for _ in range(spec["warmup"]):
+            fn()
+        progress(f"size {size} batch {batch}: warm-up {n + 1}/{len(runs)}")
+    rng = random.Random(spec.get("seed", 0))
+    for r in range(spec["rounds"]):
+        order = list(range(len(runs)))
+        rng.shuffle(order)
+        for j in order:
+            i, key, fn = runs[j]
+            results[i][key].append(_timeit(fn))
+        progress(f"size {size} batch {batch}: round {r + 1}/{spec['rounds']}")
+    return results
+
+
+def _worker_memory(spec: dict) -> dict:
+    """Peak RSS of one configuration: after imports, after an inference pass, after a train step."""
+    cfg, size, batch = spec["config"], spec["size"], spec["batch_size"]
+    base = _rss_mb()
+    torch.manual_seed(spec.get("seed", 0))
+    model = _build_backbone(cfg, size)
+    _configure(model, cfg)
+    x = torch.randn(batch, 3, size, size)
+    _infer_step(model, x)
+    infer = _rss_mb()
+    _train_step(model, x)
+    peak = _rss_mb()
+    return {
+        "base_rss_mb": round(base, 1),
+        "infer_peak_rss_mb": round(infer, 1),
+        "peak_rss_mb": round(peak, 1),
+        "peak_rss_delta_mb": round(peak - base, 1),
+    }
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    """``python -m spa.bench _worker SPEC.json OUT.json``: one measurement process of ``bench backbone``."""
+    spec = json.loads(Path(argv[0]).read_text())
+    torch.set_num_threads(spec.get("threads", 2))
+    if spec["mode"] == "time":
+        result: object = _worker_time(spec, lambda msg: print(f"[bench backbone] {msg}", flush=True))
+    else:
+        result = _worker_memory(spec)
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+def _run_worker(spec: dict, workdir: Path, name: str, quiet: bool = False) -> object:
+    spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    threads = str(spec.get("threads", 2))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    cmd = [sys.executable, "-m", "spa.bench", "_worker", str(spec_path), str(out_path)]
+    proc = subprocess.run(
+        cmd, env=env, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out_path.read_text())
+
+
+def _median_ratio(times: list[float], ref: list[float]) -> float:
+    return round(statistics.median(t / d for t, d in zip(times, ref)), 4)
+
+
+def bench_backbone(
+    models: Sequence[str] = ("spt_tiny", "swin_tiny"),
+    sizes: Sequence[int] = (224, 512),
+    batch_sizes: Sequence[int] = (1, 8),
+    keep_ratios: Sequence[float] = SPT_KEEP_RATIOS,
+    layouts: Sequence[str] = LAYOUTS,
+    checkpoint: str | Path | None = None,
+    rounds: int = 5,
+    warmup: int = 1,
+    threads: int = 2,
+    memory: bool = True,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Benchmark whole backbones (``features_only`` SPT vs timm Swin of the same width); see the module docstring.
+
+    Returns one record per (model, size, batch size, select, keep ratio, layout) with GMACs (kept and
+    executed), train-step and inference images/s, peak RSS, and the time ratios to the dense baseline.
+    """
+    import tempfile
+
+    say = progress or (lambda msg: None)
+    for name, values in (("layouts", layouts), ("keep_ratios", keep_ratios)):
+        if not values:
+            raise ValueError(f"{name} must not be empty")
+    bad = [lay for lay in layouts if lay not in LAYOUTS]
+    if bad:
+        raise ValueError(f"unknown layout(s) {bad}; choose from {LAYOUTS}")
+    if any(not 0.0 < r <= 1.0 for r in keep_ratios):
+        raise ValueError(f"keep ratios must be in (0, 1], got {list(keep_ratios)}")
+    if not sizes or not batch_sizes or any(s < 32 for s in sizes) or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"need sizes >= 32 and batch sizes >= 1, got {list(sizes)} and {list(batch_sizes)}")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    checkpoint_model = None
+    if checkpoint is not None:
+        from spa.engine.checkpoint import load_checkpoint
+
+        checkpoint_model = load_checkpoint(checkpoint)["meta"]["detector"]["model"]
+        if not checkpoint_model.startswith("spt_"):
+            raise ValueError(f"{checkpoint} holds a dense {checkpoint_model}; a trained SPT gate is needed")
+    configs = _backbone_configs(models, keep_ratios, layouts, checkpoint, checkpoint_model)
+    env = environment()
+    env["threads"] = threads
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="spa-bench-") as tmp:
+        workdir = Path(tmp)
+        for size in sizes:
+            for batch in batch_sizes:
+                say(f"size {size} batch {batch}: timing {len(configs)} configurations in one process")
+                common = {"size": size, "batch_size": batch, "threads": threads, "seed": seed}
+                timed = _run_worker(
+                    {**common, "mode": "time", "configs": configs, "rounds": rounds, "warmup": warmup},
+                    workdir,
+                    f"time-{size}-{batch}",
+                )
+                dense_at = {c["model"]: i for i, c in enumerate(configs) if c["select"] == "dense"}
+                rss: list[dict] = []
+                for i, cfg in enumerate(configs):
+                    if memory:
+                        say(f"size {size} batch {batch}: peak memory {i + 1}/{len(configs)}")
+                        rss.append(
+                            _run_worker({**common, "mode": "memory", "config": cfg}, workdir, f"mem-{i}")
+                        )
+                    else:
+                        rss.append(
+                            dict.fromkeys(
+                                ("base_rss_mb", "infer_peak_rss_mb", "peak_rss_mb", "peak_rss_delta_mb")
+                            )
+                        )
+                for i, cfg in enumerate(configs):
+                    res, ref = timed[i], timed[dense_at[cfg["dense_model"]]]
+                    train_ms, infer_ms = (
+                        statistics.median(res["train_ms"]),
+                        statistics.median(res["infer_ms"]),
+                    )
+                    rec = {k: v for k, v in cfg.items()}
+                    if rec["keep_ratio"] is None:
+                        rec["keep_ratio"] = res["kept_ratio_measured"]
+                    dense_rss = rss[dense_at[cfg["dense_model"]]]["peak_rss_mb"]
+                    ref_macs = ref["gmacs_executed"]
+                    rec.update(
+                        size=size,
+                        batch_size=batch,
+                        kept_ratio_measured=res["kept_ratio_measured"],
+                        gmacs_kept=res["gmacs_kept"],
+                        gmacs_executed=res["gmacs_executed"],
+                        gmacs=res["gmacs_executed"],
+                        train_ms=round(train_ms, 2),
+                        infer_ms=round(infer_ms, 2),
+                        train_img_s=round(batch * 1e3 / train_ms, 3),
+                        infer_img_s=round(batch * 1e3 / infer_ms, 3),
+                        train_ratio_to_dense=_median_ratio(res["train_ms"], ref["train_ms"]),
+                        infer_ratio_to_dense=_median_ratio(res["infer_ms"], ref["infer_ms"]),
+                        gmacs_kept_ratio_to_dense=round(res["gmacs_kept"] / ref["gmacs_kept"], 4),
+                        gmacs_executed_ratio_to_dense=round(res["gmacs_executed"] / ref_macs, 4),
+                        **rss[i],
+                        peak_rss_ratio_to_dense=(
+                            round(rss[i]["peak_rss_mb"] / dense_rss, 4) if memory and dense_rss else None
+                        ),
+                        rounds=rounds,
+                        **{f"env_{k}": v for k, v in env.items()},
+                    )
+                    records.append(rec)
+    return records
+
+
+def format_backbone_table(records: list[dict]) -> str:
+    """Markdown table of ``bench_backbone`` records (time ratios: SPT time / dense time, lower is faster)."""
+    lines = [
+        "| model | size | batch | select | keep | layout | GMACs kept | GMACs exec | train img/s | infer img/s "
+        "| train t/dense | infer t/dense | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        rss = "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['batch_size']} | {r['select']} | {r['keep_ratio']:.2f} "
+            f"| {r['layout']} | {r['gmacs_kept']:.3f} | {r['gmacs_executed']:.3f} | {r['train_img_s']:.2f} "
+            f"| {r['infer_img_s']:.2f} | {r['train_ratio_to_dense']:.3f} | {r['infer_ratio_to_dense']:.3f} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _run_backbone(args: argparse.Namespace) -> int:
+    quick = args.quick
+    records = bench_backbone(
+        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        sizes=_ints(args.sizes) if args.sizes else ([64] if quick else [224, 512]),
+        batch_sizes=_ints(args.batch_sizes) if args.batch_sizes else ([1, 2] if quick else [1, 8]),
+        keep_ratios=[float(r) for r in args.keep_ratios.split(",")],
+        layouts=[lay.strip() for lay in args.layouts.split(",")],
+        checkpoint=args.checkpoint,
+        rounds=args.rounds or (2 if quick else 5),
+        warmup=1,
+        threads=args.threads,
+        memory=not args.no_memory,
+        progress=lambda msg: print(f"[bench backbone] {msg}", flush=True),
+    )
+    print(format_backbone_table(records))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records, indent=2))
+        print(f"wrote {path}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``spa bench ...`` to the CLI."""
     bench = subparsers.add_parser("bench", help="benchmarks")
@@ -204,3 +578,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     block.add_argument("--rounds", type=int, default=7)
     block.add_argument("--threads", type=int, default=2)
     block.set_defaults(func=_run_block)
+
+    bb = kinds.add_parser(
+        "backbone", help="whole backbones: SPT vs its dense Swin baseline (GMACs, img/s, memory)"
+    )
+    bb.add_argument("--models", default="spt_tiny,swin_tiny", help="comma list of spt_*/swin_* backbones")
+    bb.add_argument("--sizes", default=None, help="image sides, comma list (default 224,512; --quick: 64)")
+    bb.add_argument("--batch-sizes", default=None, help="comma list (default 1,8; --quick: 1,2)")
+    bb.add_argument("--keep-ratios", default=",".join(str(r) for r in SPT_KEEP_RATIOS))
+    bb.add_argument("--layouts", default=",".join(LAYOUTS))
+    bb.add_argument("--checkpoint", help="detection checkpoint: also benchmark its trained gate")
+    bb.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 2)"
+    )
+    bb.add_argument("--threads", type=int, default=2)
+    bb.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-RSS processes")
+    bb.add_argument("--quick", action="store_true", help="fewer rounds, small sizes (for tests)")
+    bb.add_argument("--json", help="write the list of records to this JSON file")
+    bb.set_defaults(func=_run_backbone)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "_worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    from spa.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))
