@@ -3,8 +3,15 @@
 Configuration precedence: built-in defaults < ``--config FILE.yaml`` < command-line flags. The resolved
 configuration is written to ``OUT/config.yaml`` and stored in every checkpoint.
 
+Tasks (``--task``): ``detect`` (default; Faster/Mask R-CNN), ``classify`` (single-label) and ``multilabel``.
+Each task is a small ``_Task`` helper (datasets, model, collate, evaluation, checkpoint loading); the
+commands dispatch on it.
+
 Data specs: ``builtin`` (the generated set, made on first use under ``--data-dir``), ``builtin:DIR``,
-``coco:ANNOTATIONS.json:IMAGES_DIR`` and ``voc:ROOT`` (``ImageSets/Main/{train,val}.txt``).
+``coco:ANNOTATIONS.json:IMAGES_DIR`` and ``voc:ROOT`` (``ImageSets/Main/{train,val}.txt``); for
+``multilabel`` these are viewed as multi-label (boxes give the selection labels), plus ``labels:DIR``
+(``classes.txt`` + ``{train,val}.txt`` lines ``IMAGE CLASS ...``, no boxes); for ``classify``
+``folder:ROOT`` (``torchvision`` ``ImageFolder`` layout ``ROOT/{train,val}/CLASS/IMAGE``).
 """
 
 from __future__ import annotations
@@ -22,9 +29,18 @@ from spa.engine.checkpoint import CheckpointError, load_checkpoint, load_model_s
 from spa.engine.distributed import init_distributed
 from spa.engine.trainer import TrainConfig, Trainer
 
-__all__ = ["RunConfig", "build_datasets", "load_detector", "register", "resolve_config"]
+__all__ = [
+    "TASKS",
+    "RunConfig",
+    "build_datasets",
+    "load_classifier",
+    "load_detector",
+    "register",
+    "resolve_config",
+    "run_training",
+]
 
-TASKS = ("detect",)
+TASKS = ("detect", "classify", "multilabel")
 SPT_OPTIONS = ("select", "keep_threshold", "keep_ratio", "gate_init", "layout", "spa_stages", "ffn")
 
 
@@ -55,6 +71,8 @@ class RunConfig:
     fpn_channels: int = 64
     representation_size: int = 256
     selection_alpha: float = 0.01
+    supervise_gate: bool = True
+    empty_images: str = "error"
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 4
@@ -73,6 +91,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.empty_images not in ("error", "drop", "keep"):
+            raise ValueError(f"empty_images must be 'error', 'drop' or 'keep', got {self.empty_images!r}")
 
     def train_config(self, progress: bool = True) -> TrainConfig:
         return TrainConfig(
@@ -165,12 +185,63 @@ def _open_data(spec: str, split: str, cfg: RunConfig, transforms: Any) -> Any:
 
 
 def build_datasets(cfg: RunConfig) -> tuple[Any, Any]:
+    """``(train, val)`` datasets of the run's task (see :func:`_detection_datasets`,
+    :func:`_classification_datasets`)."""
+    return _task(cfg.task).datasets(cfg)
+
+
+def _detection_datasets(cfg: RunConfig) -> tuple[Any, Any]:
     """``(train, val)``: train with box-aware augmentation, val untransformed (evaluated at full size)."""
     from spa.data import detection_transforms
 
     train = _open_data(cfg.data, "train", cfg, detection_transforms(train=True, size=cfg.img_size))
     val_spec = cfg.val_data or cfg.data
     val = _open_data(val_spec, "val", cfg, None)
+    return train, val
+
+
+def _classification_data(spec: str, split: str, cfg: RunConfig, classes: list[str] | None = None) -> Any:
+    from spa.tasks.classification import (
+        BoxedMultiLabelView,
+        MultiLabelList,
+        check_labeled,
+        classification_transforms,
+        folder_items,
+    )
+
+    train = split == "train"
+    kind, _, rest = spec.partition(":")
+    if kind == "folder":
+        if cfg.task != "classify":
+            raise ValueError(f"folder data ({spec}) is single-label: use --task classify")
+        if not rest:
+            raise ValueError(f"folder data spec must be folder:ROOT, got {spec!r}")
+        return folder_items(rest, split, classification_transforms(train, cfg.img_size), classes)
+    if cfg.task != "multilabel":
+        raise ValueError(
+            f"{kind} data has a set of classes per image: use --task multilabel (--task classify takes folder:ROOT)"
+        )
+    if kind == "labels":
+        if not rest:
+            raise ValueError(f"label-list data spec must be labels:DIR, got {spec!r}")
+        data = MultiLabelList(rest, split, classification_transforms(train, cfg.img_size, boxes=True))
+    else:
+        detection = _open_data(spec, split, cfg, None)
+        data = BoxedMultiLabelView(detection, classification_transforms(train, cfg.img_size, boxes=True))
+        data = check_labeled(data, f"{spec} ({split})", cfg.empty_images)
+    if classes is not None and list(data.class_names) != list(classes):
+        unknown = sorted(set(data.class_names) - set(classes))
+        raise ValueError(
+            f"{spec} ({split}) has classes {list(data.class_names)}, but the model was trained for {list(classes)}"
+            + (f" (unknown: {unknown})" if unknown else "")
+        )
+    return data
+
+
+def _classification_datasets(cfg: RunConfig, classes: list[str] | None = None) -> tuple[Any, Any]:
+    """``(train, val)`` for ``classify`` / ``multilabel``: square ``img_size`` images, boxes follow."""
+    train = _classification_data(cfg.data, "train", cfg, classes)
+    val = _classification_data(cfg.val_data or cfg.data, "val", cfg, list(train.class_names))
     return train, val
 
 
@@ -237,78 +308,248 @@ def set_keep_threshold(model: torch.nn.Module, threshold: float) -> int:
     return len(gates)
 
 
+def classifier_config(cfg: RunConfig, class_names: list[str]):
+    from spa.tasks.classification import ClassifierConfig
+
+    return ClassifierConfig(
+        model=cfg.model,
+        task=cfg.task,
+        num_classes=len(class_names),
+        img_size=cfg.img_size,
+        selection_alpha=cfg.selection_alpha,
+        supervise_gate=cfg.supervise_gate,
+        class_names=list(class_names),
+        model_kwargs=cfg.model_kwargs(),
+    )
+
+
+def load_classifier(checkpoint: str | Path, expect: dict[str, Any] | None = None):
+    """Rebuild the classifier a checkpoint was trained as and load its weights (all or nothing)."""
+    from spa.tasks.classification import CLASSIFY_TASKS, ClassifierConfig, build_classifier
+
+    state = load_checkpoint(checkpoint)
+    meta = state.get("meta") or {}
+    if meta.get("task") not in CLASSIFY_TASKS or "classifier" not in meta:
+        raise CheckpointError(f"{checkpoint} is not a classification checkpoint (task {meta.get('task')!r})")
+    stored = dict(meta["classifier"])
+    for key, value in (expect or {}).items():
+        if value is not None and stored.get(key) != value:
+            raise CheckpointError(
+                f"{checkpoint} holds a {stored.get('task')} {stored.get('model')} model with "
+                f"{key}={stored.get(key)!r}, but {key}={value!r} was asked for"
+            )
+    model = build_classifier(ClassifierConfig(**stored))
+    load_model_state(model, state["model"], source=str(checkpoint))
+    return model, state
+
+
+class _Task:
+    """What a task needs from the commands: data, model + checkpoint meta, batching, evaluation, loading."""
+
+    name = ""
+
+    def datasets(self, cfg: RunConfig) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def model(self, cfg: RunConfig, train_set: Any) -> tuple[torch.nn.Module, dict[str, Any], str]:
+        """``(model, checkpoint meta, description)``."""
+        raise NotImplementedError
+
+    collate: Any = None
+
+    def evaluate(self, model, dataset, batch_size: int, device, progress: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def format(self, result: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def load(self, checkpoint: str, args: argparse.Namespace):
+        raise NotImplementedError
+
+    def eval_datasets(self, model, run_cfg: RunConfig, checkpoint: str) -> Any:
+        raise NotImplementedError
+
+
+class _DetectTask(_Task):
+    name = "detect"
+
+    def datasets(self, cfg):
+        return _detection_datasets(cfg)
+
+    def model(self, cfg, train_set):
+        from spa.tasks.detection import build_detector
+
+        det_cfg = detector_config(cfg, train_set.num_classes)
+        return build_detector(det_cfg), _meta(det_cfg), f"{cfg.model} + {cfg.detector}"
+
+    @property
+    def collate(self):
+        from spa.data import collate_detection
+
+        return collate_detection
+
+    def evaluate(self, model, dataset, batch_size, device, progress):
+        from spa.tasks.evaluation import evaluate_detection
+
+        return evaluate_detection(model, dataset, batch_size=batch_size, device=device, progress=progress)
+
+    def format(self, result):
+        from spa.tasks.evaluation import format_metrics
+
+        return format_metrics(result)
+
+    def load(self, checkpoint, args):
+        return load_detector(checkpoint, expect={"model": args.model, "detector": args.detector})
+
+    def eval_datasets(self, model, run_cfg, checkpoint):
+        _, val_set = _detection_datasets(run_cfg)
+        trained_classes = model.config.num_classes
+        if val_set.num_classes != trained_classes:
+            raise CheckpointError(
+                f"{checkpoint} was trained for {trained_classes} classes but {run_cfg.val_data or run_cfg.data} "
+                f"has {val_set.num_classes}"
+            )
+        return val_set
+
+
+class _ClassifyTask(_Task):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def datasets(self, cfg):
+        return _classification_datasets(cfg)
+
+    def model(self, cfg, train_set):
+        from spa.tasks.classification import build_classifier
+
+        cls_cfg = classifier_config(cfg, list(train_set.class_names))
+        meta = {"task": cfg.task, "classifier": cls_cfg.to_dict()}
+        return build_classifier(cls_cfg), meta, f"{cfg.model} {cfg.task} ({cls_cfg.num_classes} classes)"
+
+    @property
+    def collate(self):
+        from spa.tasks.classification import collate_classification
+
+        return collate_classification
+
+    def evaluate(self, model, dataset, batch_size, device, progress):
+        from spa.tasks.classification import evaluate_classification
+
+        return evaluate_classification(
+            model, dataset, batch_size=batch_size, device=device, progress=progress
+        )
+
+    def format(self, result):
+        from spa.tasks.classification import format_classification_metrics
+
+        return format_classification_metrics(result)
+
+    def load(self, checkpoint, args):
+        return load_classifier(checkpoint, expect={"model": args.model, "task": args.task})
+
+    def eval_datasets(self, model, run_cfg, checkpoint):
+        classes = list(model.config.class_names)
+        val_spec = run_cfg.val_data or run_cfg.data
+        try:
+            return _classification_data(val_spec, "val", run_cfg, classes or None)
+        except ValueError as err:
+            raise CheckpointError(f"{checkpoint}: {err}") from err
+
+
+_TASKS: dict[str, _Task] = {
+    "detect": _DetectTask(),
+    "classify": _ClassifyTask("classify"),
+    "multilabel": _ClassifyTask("multilabel"),
+}
+
+
+def _task(name: str) -> _Task:
+    if name not in _TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {name!r}")
+    return _TASKS[name]
+
+
 # -- commands --------------------------------------------------------------------------------------
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from spa.tasks.detection import build_detector
-    from spa.tasks.evaluation import evaluate_detection, format_metrics
-
-    overrides = {f.name: getattr(args, f.name, None) for f in fields(RunConfig)}
-    cfg = resolve_config(args.config, overrides)
-    dist_info = init_distributed(args.device)
+def run_training(
+    cfg: RunConfig,
+    resume: str | None = None,
+    evaluate: bool = True,
+    progress: bool = True,
+    device: str | None = None,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Train (and evaluate) one run of any task; returns ``{"summary", "eval" (main process, when
+    ``evaluate``), "model"}``. Writes ``OUT/config.yaml``, checkpoints and ``OUT/eval.json``."""
+    task = _task(cfg.task)
+    dist_info = init_distributed(device)
     torch.manual_seed(cfg.seed)
-    train_set, val_set = build_datasets(cfg)
-    det_cfg = detector_config(cfg, train_set.num_classes)
-    model = build_detector(det_cfg)
+    train_set, val_set = task.datasets(cfg)
+    model, meta, description = task.model(cfg, train_set)
     out = Path(cfg.out)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-        print(f"[spa train] {cfg.model} + {cfg.detector} on {cfg.data} -> {out}", flush=True)
-    from spa.data import collate_detection
-
+        if log:
+            print(f"[spa train] {description} on {cfg.data} -> {out}", flush=True)
     trainer = Trainer(
         model,
         train_set,
-        collate_detection,
-        cfg.train_config(progress=not args.quiet),
-        _meta(det_cfg),
+        task.collate,
+        cfg.train_config(progress=progress),
+        meta,
         dist_info,
         extra={"run_config": asdict(cfg)},
     )
-    summary = trainer.train(resume=args.resume)
+    summary = trainer.train(resume=resume)
+    result: dict[str, Any] = {"summary": summary, "model": model}
     if dist_info.is_main:
-        print(f"[spa train] {summary['steps']} steps done, checkpoint {summary['checkpoint']}", flush=True)
-        if not args.no_eval:
-            result = evaluate_detection(
-                model,
-                val_set,
-                batch_size=cfg.eval_batch_size,
-                device=dist_info.device,
-                progress=not args.quiet,
+        if log:
+            print(
+                f"[spa train] {summary['steps']} steps done, checkpoint {summary['checkpoint']}", flush=True
             )
-            (out / "eval.json").write_text(json.dumps(result, indent=2))
-            print(format_metrics(result), flush=True)
+        if evaluate:
+            metrics = task.evaluate(model, val_set, cfg.eval_batch_size, dist_info.device, progress)
+            (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+            if log:
+                print(task.format(metrics), flush=True)
+            result["eval"] = metrics
     if dist_info.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    return result
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(RunConfig)}
+    cfg = resolve_config(args.config, overrides)
+    run_training(
+        cfg, resume=args.resume, evaluate=not args.no_eval, progress=not args.quiet, device=args.device
+    )
     return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from spa.tasks.evaluation import evaluate_detection, format_metrics
-
-    model, state = load_detector(args.checkpoint, expect={"model": args.model, "detector": args.detector})
+    state = load_checkpoint(args.checkpoint)
+    stored_task = (state.get("meta") or {}).get("task")
+    if args.task is not None and stored_task != args.task:
+        raise CheckpointError(
+            f"{args.checkpoint} is a {stored_task!r} checkpoint, but --task {args.task} was asked for"
+        )
+    task = _task(stored_task if stored_task in TASKS else "detect")
+    model, state = task.load(args.checkpoint, args)
     if args.keep_threshold is not None:
         set_keep_threshold(model, args.keep_threshold)
     run_cfg = RunConfig(**(state.get("extra") or {}).get("run_config", {}))
     if args.data:
         run_cfg.data, run_cfg.val_data = args.data, None
-    _, val_set = build_datasets(run_cfg)
-    trained_classes = model.config.num_classes
-    if val_set.num_classes != trained_classes:
-        raise CheckpointError(
-            f"{args.checkpoint} was trained for {trained_classes} classes but {run_cfg.val_data or run_cfg.data} "
-            f"has {val_set.num_classes}"
-        )
+    val_set = task.eval_datasets(model, run_cfg, args.checkpoint)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate_detection(
-        model, val_set, batch_size=args.batch_size, device=device, progress=not args.quiet
-    )
+    result = task.evaluate(model, val_set, args.batch_size, device, not args.quiet)
     result["checkpoint"] = str(args.checkpoint)
     result["keep_threshold"] = args.keep_threshold
-    print(format_metrics(result))
+    print(task.format(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -316,7 +557,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flag_type(annotation: str) -> type:
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _flag_type(annotation: str) -> Any:
+    if "bool" in annotation:
+        return _parse_bool
     if "float" in annotation:
         return float
     if "int" in annotation:
@@ -328,7 +580,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     """One flag per ``RunConfig`` field, default None so that YAML values are only overridden when given."""
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "spa_stages":
+        if f.name == "task":
+            p.add_argument(flag, choices=TASKS, default=None, help="detect (default), classify or multilabel")
+        elif f.name == "spa_stages":
             p.add_argument(
                 flag, type=int, nargs="+", default=None, help="SPA stage indices (0-based), e.g. 2 3"
             )
@@ -338,7 +592,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``spa train`` and ``spa eval``."""
-    train = subparsers.add_parser("train", help="train a detector (SPT or dense Swin backbone)")
+    train = subparsers.add_parser(
+        "train", help="train a detector or (multi-label) classifier (SPT or dense Swin backbone)"
+    )
     train.add_argument("--config", help="YAML file with RunConfig options (flags override it)")
     _add_run_options(train)
     train.add_argument("--resume", help="checkpoint to continue from (same model and configuration)")
@@ -347,11 +603,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_run_train)
 
-    ev = subparsers.add_parser("eval", help="evaluate a checkpoint: COCO AP, kept-token ratios, GMACs")
+    ev = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: COCO AP / top-1 / mAP, kept-token ratios, GMACs"
+    )
     ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--task", choices=TASKS, help="refuse the checkpoint unless it was trained for this task")
     ev.add_argument("--data", help="data spec (default: the validation data the checkpoint was trained with)")
     ev.add_argument("--model", help="refuse the checkpoint unless it holds this backbone")
-    ev.add_argument("--detector", help="refuse the checkpoint unless it holds this detector")
+    ev.add_argument("--detector", help="refuse the checkpoint unless it holds this detector (detect)")
     ev.add_argument("--keep-threshold", type=float, help="override the gates' inference keep threshold")
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--out", help="write the metrics JSON here")
