@@ -13,6 +13,8 @@ COMMAND_MODULES = [
     "spa.demo",
     "spa.engine.commands",
     "spa.data.cli",
+    "spa.ablate",
+    "spa.viz",
 ]
 
 

@@ -1,0 +1,249 @@
+"""Selection overlays: each image with the tokens its SPA stages kept (matplotlib, Agg).
+
+``draw_selection_overlays(images, selections, out_path)`` draws one row per image: the image (with boxes, if
+given), then one panel per SPA stage where tokens the stage dropped are dimmed and a grid marks the stage's
+token cells (its stride). A stage has several blocks; a token's brightness is the fraction of the stage's
+blocks that kept it (fully bright: kept by every block). ``model_selections(model, images)`` runs an SPT
+backbone or an ``SPADetector`` in eval mode and returns the images as the backbone saw them (resized and
+padded by the detector's transform) with the selections of that forward.
+
+``spa viz --checkpoint CKPT --images PATHS_OR_DIR --out DIR`` does this for a detection checkpoint, one PNG per
+image (detections above ``--score-threshold`` drawn as boxes).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spa.selection import Selection
+
+__all__ = ["IMAGE_SUFFIXES", "draw_selection_overlays", "model_selections", "register", "stage_keep_maps"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def stage_keep_maps(selections: Sequence[Selection]) -> list[tuple[int, int, torch.Tensor]]:
+    """Per SPA stage: ``(stage, stride, fraction of the stage's blocks that kept each token [B, h, w])``."""
+    if not selections:
+        raise ValueError("no selections to draw (a dense backbone records none)")
+    by_stage: dict[int, list[Selection]] = {}
+    for sel in selections:
+        if not isinstance(sel, Selection):
+            raise TypeError(f"selections must be spa.Selection records, got {type(sel).__name__}")
+        by_stage.setdefault(sel.stage, []).append(sel)
+    out = []
+    for stage, sels in sorted(by_stage.items()):
+        frac = torch.stack([s.keep.float().cpu() for s in sels]).mean(0)
+        out.append((stage, sels[0].stride, frac))
+    return out
+
+
+def _to_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Image ``[3, H, W]`` tensor or ``[H, W, 3]`` array -> float ``[H, W, 3]`` in [0, 1] (min-max if needed)."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"image tensors must be [C, H, W] with C in (1, 3), got {tuple(image.shape)}")
+        arr = image.detach().float().cpu().permute(1, 2, 0).numpy()
+    else:
+        arr = np.asarray(image, dtype=np.float32)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
+            raise ValueError(f"image arrays must be [H, W, C] with C in (1, 3), got {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and 1.0 < hi <= 255.0:
+        arr = arr / 255.0  # uint8-range values
+    elif lo < 0.0 or hi > 1.0:
+        arr = (arr - lo) / (hi - lo)  # normalized images: min-max for display
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _draw_boxes(ax, boxes, color: str = "lime") -> None:
+    from matplotlib.patches import Rectangle
+
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    for x0, y0, x1, y1 in boxes.tolist():
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.2))
+
+
+def draw_selection_overlays(
+    images: torch.Tensor | Sequence[torch.Tensor | np.ndarray],
+    selections: Sequence[Selection],
+    out_path: str | Path,
+    boxes: Sequence | None = None,
+    titles: Sequence[str] | None = None,
+    dim: float = 0.25,
+) -> Path:
+    """Save a PNG with one row per image: the image (+ ``boxes``), then one panel per SPA stage.
+
+    Args:
+        images: ``[B, 3, H, W]`` tensor or a list of ``[3, H, W]`` tensors / ``[H, W, 3]`` arrays, in the frame
+            the backbone saw (the selections' token ``(r, c)`` covers pixels ``[r*s, (r+1)*s)`` at stride ``s``).
+        selections: the SPA blocks' ``Selection`` records of one forward over these images (batch ``B``).
+        out_path: PNG to write (parent folders are created).
+        boxes: optional per-image ``[N, 4]`` ``xyxy`` boxes in the same pixel frame.
+        titles: optional per-image titles.
+        dim: brightness of a token no block of the stage kept (kept tokens keep full brightness).
+    Returns:
+        ``out_path`` as a ``Path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        images = list(images)
+    images = list(images)
+    if not images:
+        raise ValueError("no images to draw")
+    stages = stage_keep_maps(selections)
+    batch = stages[0][2].shape[0]
+    if batch != len(images):
+        raise ValueError(f"{len(images)} images but the selections cover a batch of {batch}")
+    if boxes is not None and len(boxes) != len(images):
+        raise ValueError(f"boxes must have one entry per image ({len(images)}), got {len(boxes)}")
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"titles must have one entry per image ({len(images)}), got {len(titles)}")
+    cols = 1 + len(stages)
+    fig, axes = plt.subplots(len(images), cols, figsize=(3.2 * cols, 3.2 * len(images)), squeeze=False)
+    for i, image in enumerate(images):
+        rgb = _to_hwc(image)
+        H, W = rgb.shape[:2]
+        ax = axes[i, 0]
+        ax.imshow(rgb)
+        ax.set_title(titles[i] if titles else "image", fontsize=9)
+        if boxes is not None:
+            _draw_boxes(ax, boxes[i])
+        for j, (stage, stride, frac) in enumerate(stages):
+            ax = axes[i, j + 1]
+            cells = frac[i].numpy()
+            up = np.kron(cells, np.ones((stride, stride), dtype=np.float32))
+            canvas = np.zeros((max(H, up.shape[0]), max(W, up.shape[1])), dtype=np.float32)
+            canvas[: up.shape[0], : up.shape[1]] = up
+            shade = dim + (1.0 - dim) * canvas[:H, :W, None]
+            ax.imshow(rgb * shade)
+            for x in range(stride, W, stride):
+                ax.axvline(x - 0.5, color="white", linewidth=0.4, alpha=0.35)
+            for y in range(stride, H, stride):
+                ax.axhline(y - 0.5, color="white", linewidth=0.4, alpha=0.35)
+            if boxes is not None:
+                _draw_boxes(ax, boxes[i])
+            h_real, w_real = -(-H // stride), -(-W // stride)
+            kept = float(frac[i, :h_real, :w_real].mean())
+            ax.set_title(f"stage {stage + 1} (stride {stride}): {kept:.0%} kept", fontsize=9)
+            ax.set_xlim(-0.5, W - 0.5)
+            ax.set_ylim(H - 0.5, -0.5)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+@torch.no_grad()
+def model_selections(
+    model: nn.Module, images: torch.Tensor | Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[Selection], list[dict] | None]:
+    """Run ``model`` in eval mode on ``images``; return (images as the backbone saw them, selections, detections).
+
+    ``model``: an ``SPADetector`` (images: list of ``[3, H, W]`` in [0, 1]; they are shown resized and padded
+    like the detector's transform does, detections rescaled to that frame) or an SPT backbone
+    (``forward_with_selections``; images ``[B, 3, H, W]``; detections ``None``).
+    """
+    model.eval()
+    if hasattr(model, "detector") and hasattr(model, "selections"):
+        images = list(images)
+        detections = model(images)
+        selections = list(model.selections)
+        transform = model.detector.transform
+        padded = transform.last_input_size
+        shown, scaled = [], []
+        for image, size, det in zip(images, transform.last_image_sizes, detections):
+            canvas = torch.zeros(3, *padded)
+            canvas[:, : size[0], : size[1]] = F.interpolate(
+                image[None].float(), size=tuple(size), mode="bilinear", align_corners=False
+            )[0].clamp(0, 1)
+            shown.append(canvas)
+            sy, sx = size[0] / image.shape[-2], size[1] / image.shape[-1]
+            boxes = det["boxes"].cpu() * torch.tensor([sx, sy, sx, sy])
+            scaled.append({**{k: v.cpu() for k, v in det.items()}, "boxes": boxes})
+        return shown, selections, scaled
+    if not hasattr(model, "forward_with_selections"):
+        raise TypeError(f"{type(model).__name__} is neither an SPT backbone nor an SPADetector")
+    batch = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+    _, selections = model.forward_with_selections(batch)
+    return list(batch), list(selections), None
+
+
+def _image_paths(items: Sequence[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {p}")
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {list(items)}")
+    return paths
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _run_viz(args: argparse.Namespace) -> int:
+    from spa.engine.commands import load_detector, set_keep_threshold
+
+    torch.set_num_threads(args.threads)
+    model, _ = load_detector(args.checkpoint)
+    if not model.config.model.startswith("spt_"):
+        raise ValueError(f"{args.checkpoint} holds a dense {model.config.model}; it selects no tokens")
+    if args.keep_threshold is not None:
+        set_keep_threshold(model, args.keep_threshold)
+    paths = _image_paths(args.images)[: args.max_images]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        shown, selections, detections = model_selections(model, [_load_image(path)])
+        det = detections[0]
+        boxes = [det["boxes"][det["scores"] >= args.score_threshold]]
+        target = out / f"{path.stem}_selection.png"
+        draw_selection_overlays(shown, selections, target, boxes=boxes, titles=[path.name])
+        print(f"[spa viz] {path} -> {target}", flush=True)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``spa viz``."""
+    viz = subparsers.add_parser(
+        "viz", help="draw the tokens each SPA stage keeps, for a detection checkpoint"
+    )
+    viz.add_argument("--checkpoint", required=True, help="detection checkpoint with an SPT backbone")
+    viz.add_argument("--images", required=True, nargs="+", help="image files and/or folders of images")
+    viz.add_argument("--out", required=True, help="folder for the PNGs (IMAGE_selection.png)")
+    viz.add_argument("--keep-threshold", type=float, help="override the gates' inference keep threshold")
+    viz.add_argument("--score-threshold", type=float, default=0.5, help="draw detections at least this sure")
+    viz.add_argument("--max-images", type=int, default=16)
+    viz.add_argument("--threads", type=int, default=2)
+    viz.set_defaults(func=_run_viz)
