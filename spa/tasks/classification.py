@@ -157,10 +157,12 @@ class SPAClassifier(nn.Module):
 
     @property
     def supervised(self) -> bool:
-        """Whether the selection loss applies to the latest forward (SPA blocks, boxes, supervision on)."""
+        """Whether the selection loss applies to the latest forward (SPA blocks that select, boxes,
+        supervision on)."""
         t = self.last_targets
         return (
             self.config.supervise_gate
+            and self.config.model_kwargs.get("select", "gate") != "all"
             and bool(self.selections)
             and t is not None
             and all("boxes" in x for x in t)
@@ -380,7 +382,8 @@ def check_labeled(view: MultiLabelView, source: str, empty_images: str = "error"
         )
     if empty:
         warnings.warn(f"{source}: dropped {len(empty)} image(s) without labels", stacklevel=2)
-        view.indices = [i for i in range(len(view)) if i not in set(empty)]  # type: ignore[attr-defined]
+        dropped = set(empty)
+        view.indices = [i for i in range(len(view)) if i not in dropped]  # type: ignore[attr-defined]
     return view
 
 
