@@ -287,3 +287,24 @@ def test_task_and_data_mismatch(tiny_set, tmp_path):
         main(_args(f"folder:{tmp_path}", tmp_path / "x", "--task", "multilabel"))
     with pytest.raises(SystemExit):
         main(_args(f"builtin:{tiny_set}", tmp_path / "x", "--task", "segment"))
+
+
+def test_dense_spt_has_no_selection_loss():
+    model = build_classifier(num_classes=3, img_size=64, model_kwargs={"select": "all"}, selection_alpha=1.0)
+    model.train()
+    losses = model(torch.randn(2, 3, 64, 64), _boxed_targets(2))
+    assert losses["loss_select"] == 0
+    assert model.training_stats()["keep_stage3"] == 1.0
+
+
+def test_boolean_and_task_flags():
+    from spa.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--task", "multilabel", "--supervise-gate", "false"])
+    assert args.task == "multilabel" and args.supervise_gate is False
+    assert parser.parse_args(["train", "--supervise-gate", "yes"]).supervise_gate is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--supervise-gate", "maybe"])
+    with pytest.raises(ValueError, match="empty_images"):
+        main(["train", "--empty-images", "ignore", "--task", "multilabel"])
