@@ -341,10 +341,10 @@ class Trainer:
         """Train until ``max_steps`` or the last epoch; returns a summary with the last checkpoint path."""
         if resume is not None:
             self.resume(resume)
-        else:
-            torch.manual_seed(self.config.seed)
-            random.seed(self.config.seed)
-            np.random.seed(self.config.seed)
+        else:  # per-rank streams: ranks draw different Gumbel noise / drop-path masks
+            torch.manual_seed(self.config.seed + self.dist.rank)
+            random.seed(self.config.seed + self.dist.rank)
+            np.random.seed(self.config.seed + self.dist.rank)
         progress = None
         if self.config.progress and self.dist.is_main:
             from tqdm import tqdm

@@ -17,7 +17,14 @@ from torch.utils.data import DataLoader
 from spa.flops import count_macs
 from spa.tasks.detection import SPADetector
 
-__all__ = ["COCO_METRICS", "coco_metrics", "evaluate_detection", "format_metrics", "to_coco_results"]
+__all__ = [
+    "COCO_METRICS",
+    "coco_ground_truth",
+    "coco_metrics",
+    "evaluate_detection",
+    "format_metrics",
+    "to_coco_results",
+]
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -25,7 +32,8 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str = "bbox") -> dict[str, float]:
     """COCO AP/AP50/AP75/APs/APm/APl of ``results`` (COCO result dicts) against ``coco_gt`` (pycocotools).
 
-    No detections give zeros (pycocotools cannot load an empty result list).
+    No detections give zeros (pycocotools cannot load an empty result list). As in pycocotools, a
+    size range without ground truth (e.g. no large objects) reports ``-1``.
     """
     if not results:
         return dict.fromkeys(COCO_METRICS, 0.0)
@@ -35,8 +43,44 @@ def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str = "bbox") -> d
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    # -1 marks "no ground truth of that size": report 0 would be wrong, NaN is honest
-    return {k: (float(v) if v >= 0 else math.nan) for k, v in zip(COCO_METRICS, evaluator.stats[:6])}
+    return {k: float(v) for k, v in zip(COCO_METRICS, evaluator.stats[:6])}
+
+
+def coco_ground_truth(dataset: Any) -> tuple[Any, dict[int, int]]:
+    """``(pycocotools COCO, label -> category id)`` of a dataset: its own ``coco`` when it has one (COCO json,
+    built-in set), else one built from its untransformed targets (e.g. Pascal VOC; labels are the ids)."""
+    if hasattr(dataset, "coco") and hasattr(dataset, "label_to_cat_id"):
+        return dataset.coco, dataset.label_to_cat_id
+    from pycocotools.coco import COCO
+
+    images, annotations = [], []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        image_id = int(target["image_id"])
+        images.append({"id": image_id, "height": int(image.shape[-2]), "width": int(image.shape[-1])})
+        crowd = target.get("iscrowd", torch.zeros(len(target["labels"]), dtype=torch.long))
+        for box, label, is_crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), crowd.tolist()):
+            x1, y1, x2, y2 = box
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(is_crowd),
+                }
+            )
+    names = getattr(dataset, "class_names", None) or [str(i) for i in range(1, dataset.num_classes + 1)]
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco, {i + 1: i + 1 for i in range(len(names))}
 
 
 def to_coco_results(
@@ -69,13 +113,14 @@ def evaluate_detection(
     progress: bool = False,
     collate_fn: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate on a ``CocoDetection``-like dataset (``coco``, ``label_to_cat_id``; untransformed images).
+    """Evaluate on an untransformed detection dataset (COCO json, built-in set, VOC, ...).
 
     Returns ``{"bbox": {...}, "segm": {...} (Mask R-CNN), "keep": {stage: {"object", "background"}},
     "gmacs": {"kept", "executed"}, "images": n}``.
     """
     from spa.data import collate_detection
 
+    coco_gt, label_to_cat_id = coco_ground_truth(dataset)
     model.eval().to(device)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or collate_detection
@@ -97,7 +142,7 @@ def evaluate_detection(
         for stage, counts in model.token_counts().items():
             tokens[stage] = tokens.get(stage, torch.zeros(4, dtype=torch.float64)) + counts
         for prediction, target in zip(predictions, targets):
-            b, m = to_coco_results(prediction, int(target["image_id"]), dataset.label_to_cat_id)
+            b, m = to_coco_results(prediction, int(target["image_id"]), label_to_cat_id)
             boxes += b
             masks += m
         if count_gmacs:
@@ -107,9 +152,9 @@ def evaluate_detection(
         seen += len(images)
     if seen == 0:
         raise ValueError("the evaluation set is empty")
-    result: dict[str, Any] = {"images": seen, "bbox": coco_metrics(dataset.coco, boxes, "bbox")}
+    result: dict[str, Any] = {"images": seen, "bbox": coco_metrics(coco_gt, boxes, "bbox")}
     if model.config.detector == "mask_rcnn":
-        result["segm"] = coco_metrics(dataset.coco, masks, "segm")
+        result["segm"] = coco_metrics(coco_gt, masks, "segm")
     result["keep"] = {
         f"stage{stage + 1}": {
             "object": float(c[0] / c[1]) if c[1] else math.nan,
