@@ -184,7 +184,8 @@ def test_two_process_gloo_training_with_a_rank_that_keeps_nothing(tiny_set, tmp_
     assert all(k == 0 for step in rank1["kept_per_block"] for k in step)
     assert any(k > 0 for step in rank0["kept_per_block"] for k in step)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["epoch_001.pt", "last.pt"]  # written once, by rank 0 (4 images per rank: epoch ends at 2)
+    # written once, by rank 0 (4 images per rank, batch 2: the epoch ends at step 2)
+    assert names == ["epoch_001.pt", "last.pt"]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
 
 

@@ -19,7 +19,9 @@ def main(data_dir: str, out_dir: str) -> None:
     dist_info = init_distributed("cpu")
     torch.manual_seed(0)
     train = builtin_dataset(data_dir, "train", transforms=detection_transforms(True, 128))
-    model = build_detector(model="spt_nano", num_classes=train.num_classes, img_size=128, min_size=128, max_size=128)
+    model = build_detector(
+        model="spt_nano", num_classes=train.num_classes, img_size=128, min_size=128, max_size=128
+    )
     if dist_info.rank == 1:
         set_keep_threshold(model, 1 - 1e-7)  # sigmoid(logit) never exceeds it at init: nothing kept
     config = TrainConfig(out_dir=out_dir, max_steps=3, batch_size=2, checkpoint_every=100, progress=False)
