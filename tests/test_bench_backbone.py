@@ -1,0 +1,117 @@
+"""``spa bench backbone``: record keys and invariants on a tiny run (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from spa.bench import REQUIRED_KEYS, bench_backbone, format_backbone_table
+from spa.cli import main
+from spa.engine.checkpoint import save_checkpoint
+from spa.engine.commands import RunConfig
+from spa.tasks.detection import DetectorConfig, build_detector
+
+
+def _check(records: list[dict]) -> None:
+    for r in records:
+        assert set(REQUIRED_KEYS) <= r.keys(), set(REQUIRED_KEYS) - r.keys()
+        assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
+        assert r["train_ratio_to_dense"] > 0 and r["infer_ratio_to_dense"] > 0
+        assert 0 < r["gmacs_kept"] <= r["gmacs_executed"] + 1e-9
+        if r["select"] == "dense":
+            assert r["layout"] == "dense" and r["model"].startswith("swin_")
+            assert r["train_ratio_to_dense"] == 1.0 and r["infer_ratio_to_dense"] == 1.0
+        else:
+            assert r["dense_model"] == r["model"].replace("spt_", "swin_")
+
+
+def test_bench_backbone_quick():
+    records = bench_backbone(
+        models=["spt_nano"], sizes=[64], batch_sizes=[2], keep_ratios=[1.0, 0.3], layouts=["containers"],
+        rounds=1, warmup=0, memory=False,
+    )  # fmt: skip
+    _check(records)
+    assert [(r["model"], r["select"], r["keep_ratio"]) for r in records] == [
+        ("swin_nano", "dense", 1.0),
+        ("spt_nano", "topk", 1.0),
+        ("spt_nano", "topk", 0.3),
+    ]
+    full, low = records[1], records[2]
+    assert low["gmacs_kept"] < full["gmacs_kept"] and low["gmacs_executed"] < full["gmacs_executed"]
+    assert abs(low["kept_ratio_measured"] - 0.3) < 0.15 and full["kept_ratio_measured"] == 1.0
+    assert "| spt_nano | 64 | 2 | topk | 0.30 | containers |" in format_backbone_table(records)
+
+
+def _check_memory(records: list[dict]) -> None:
+    for r in records:
+        assert r["peak_rss_mb"] > 0 and r["infer_peak_rss_mb"] > 0 and r["peak_rss_delta_mb"] >= 0
+        assert r["peak_rss_mb"] >= r["infer_peak_rss_mb"] >= r["base_rss_mb"]
+        assert r["peak_rss_ratio_to_dense"] > 0
+
+
+def test_bench_backbone_memory_subprocess():
+    records = bench_backbone(models=["swin_nano"], sizes=[64], batch_sizes=[1], rounds=1, warmup=0)
+    assert len(records) == 1
+    _check(records)
+    _check_memory(records)
+    assert records[0]["peak_rss_ratio_to_dense"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_backbone_memory_every_configuration():
+    records = bench_backbone(
+        models=["spt_nano", "swin_nano"], sizes=[64], batch_sizes=[1, 2], keep_ratios=[1.0, 0.2],
+        layouts=["containers", "padded"], rounds=2, warmup=1,
+    )  # fmt: skip
+    assert len(records) == 2 * (1 + 2 * 2)
+    _check(records)
+    _check_memory(records)
+
+
+def _checkpoint(path):
+    cfg = DetectorConfig(
+        model="spt_nano", num_classes=2, img_size=64, min_size=64, max_size=64, fpn_channels=16,
+        representation_size=32, model_kwargs={"drop_path_rate": 0.0, "keep_threshold": 0.3},
+    )  # fmt: skip
+    meta = {"task": "detect", "detector": cfg.to_dict()}
+    run = asdict(RunConfig(model="spt_nano", img_size=64, fpn_channels=16, representation_size=32))
+    save_checkpoint(
+        path, {"model": build_detector(cfg).state_dict(), "meta": meta, "extra": {"run_config": run}}
+    )
+    return path
+
+
+def test_cli_quick_with_trained_gate(tmp_path):
+    out = tmp_path / "bb.json"
+    ckpt = _checkpoint(tmp_path / "last.pt")
+    argv = ["bench", "backbone", "--models", "spt_nano", "--quick", "--no-memory", "--sizes", "64"]
+    argv += ["--batch-sizes", "1", "--keep-ratios", "0.5", "--layouts", "masked", "--rounds", "1"]
+    assert main([*argv, "--checkpoint", str(ckpt), "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert isinstance(records, list)
+    _check(records)
+    assert [(r["select"], r["layout"]) for r in records] == [
+        ("dense", "dense"),
+        ("topk", "masked"),
+        ("gate", "masked"),
+    ]
+    gate = records[-1]
+    assert gate["checkpoint"] == str(ckpt) and 0.0 <= gate["keep_ratio"] <= 1.0
+    assert all(r["peak_rss_mb"] is None for r in records)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"models": ["resnet50"]}, "unknown backbone"),
+        ({"layouts": ["diagonal"]}, "unknown layout"),
+        ({"keep_ratios": [0.0]}, "keep ratios"),
+        ({"sizes": [8]}, "sizes"),
+        ({"rounds": 0}, "rounds"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench_backbone(**{"models": ["spt_nano"], "sizes": [64], "batch_sizes": [1], **kwargs})
