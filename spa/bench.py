@@ -453,6 +453,7 @@ def bench_backbone(
     configs = _backbone_configs(models, keep_ratios, layouts, checkpoint, checkpoint_model)
     env = environment()
     env["threads"] = threads
+    env["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine makes timings noisy
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="spa-bench-") as tmp:
         workdir = Path(tmp)
