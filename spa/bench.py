@@ -27,6 +27,8 @@ their dense timm Swin baselines of the same width, random weights, drop path off
   (``containers``, and ``stream``/``padded``/``masked`` as peer baselines); ``select='gate'`` (the trained
   gate, ``keep_ratio`` = measured kept fraction) for the backbone of a detection checkpoint
   (``--checkpoint``); ``select='dense'``, ``layout='dense'`` for the timm Swin baselines.
+- Inputs: random normal images, or ``--images`` (files/folders, cycled to fill the batch, resized to the size,
+  ImageNet-normalized) so that a trained gate sees real scenes; records say which (``inputs``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spa.models.spa_block import SPABlock
@@ -306,13 +309,29 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _inputs(spec: dict) -> torch.Tensor:
+    """The benchmark batch: random normal images, or ``spec["images"]`` (files, cycled) resized to the size
+    and normalized with ImageNet mean/std as the detectors do."""
+    size, batch = spec["size"], spec["batch_size"]
+    paths = spec.get("images") or []
+    if not paths:
+        return torch.randn(batch, 3, size, size)
+    from spa.viz import _load_image
+
+    images = [_load_image(Path(paths[i % len(paths)])) for i in range(batch)]
+    x = torch.stack([F.interpolate(im[None], size=(size, size), mode="bilinear")[0] for im in images])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def _worker_time(spec: dict, progress: Callable[[str], None]) -> list[dict]:
     """Time every configuration of one (size, batch), interleaved; GMACs and kept ratios on the way."""
     from spa.flops import count_macs
 
     size, batch = spec["size"], spec["batch_size"]
     torch.manual_seed(spec.get("seed", 0))
-    x = torch.randn(batch, 3, size, size)
+    x = _inputs(spec)
     models: dict[tuple, nn.Module] = {}
     results: list[dict] = []
     runs: list[tuple[int, str, Callable[[], None]]] = []
@@ -358,12 +377,12 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> list[dict]:
 
 def _worker_memory(spec: dict) -> dict:
     """Peak RSS of one configuration: after imports, after an inference pass, after a train step."""
-    cfg, size, batch = spec["config"], spec["size"], spec["batch_size"]
+    cfg, size = spec["config"], spec["size"]
     base = _rss_mb()
     torch.manual_seed(spec.get("seed", 0))
     model = _build_backbone(cfg, size)
     _configure(model, cfg)
-    x = torch.randn(batch, 3, size, size)
+    x = _inputs(spec)
     _infer_step(model, x)
     infer = _rss_mb()
     _train_step(model, x)
@@ -416,6 +435,7 @@ def bench_backbone(
     keep_ratios: Sequence[float] = SPT_KEEP_RATIOS,
     layouts: Sequence[str] = LAYOUTS,
     checkpoint: str | Path | None = None,
+    images: Sequence[str | Path] | None = None,
     rounds: int = 5,
     warmup: int = 1,
     threads: int = 2,
@@ -450,6 +470,11 @@ def bench_backbone(
         checkpoint_model = load_checkpoint(checkpoint)["meta"]["detector"]["model"]
         if not checkpoint_model.startswith("spt_"):
             raise ValueError(f"{checkpoint} holds a dense {checkpoint_model}; a trained SPT gate is needed")
+    image_paths: list[str] = []
+    if images:
+        from spa.viz import _image_paths
+
+        image_paths = [str(p) for p in _image_paths([str(i) for i in images])]
     configs = _backbone_configs(models, keep_ratios, layouts, checkpoint, checkpoint_model)
     env = environment()
     env["threads"] = threads
@@ -461,6 +486,7 @@ def bench_backbone(
             for batch in batch_sizes:
                 say(f"size {size} batch {batch}: timing {len(configs)} configurations in one process")
                 common = {"size": size, "batch_size": batch, "threads": threads, "seed": seed}
+                common["images"] = image_paths
                 timed = _run_worker(
                     {**common, "mode": "time", "configs": configs, "rounds": rounds, "warmup": warmup},
                     workdir,
@@ -511,6 +537,7 @@ def bench_backbone(
                             round(rss[i]["peak_rss_mb"] / dense_rss, 4) if memory and dense_rss else None
                         ),
                         rounds=rounds,
+                        inputs=f"{len(image_paths)} image files" if image_paths else "random normal",
                         **{f"env_{k}": v for k, v in env.items()},
                     )
                     records.append(rec)
@@ -547,6 +574,7 @@ def _run_backbone(args: argparse.Namespace) -> int:
         keep_ratios=[float(r) for r in args.keep_ratios.split(",")],
         layouts=[lay.strip() for lay in args.layouts.split(",")],
         checkpoint=args.checkpoint,
+        images=args.images,
         rounds=args.rounds or (2 if quick else 5),
         warmup=1,
         threads=args.threads,
@@ -589,6 +617,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bb.add_argument("--keep-ratios", default=",".join(str(r) for r in SPT_KEEP_RATIOS))
     bb.add_argument("--layouts", default=",".join(LAYOUTS))
     bb.add_argument("--checkpoint", help="detection checkpoint: also benchmark its trained gate")
+    bb.add_argument(
+        "--images", nargs="+", help="image files/folders to benchmark on (default: random normal images)"
+    )
     bb.add_argument(
         "--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 2)"
     )

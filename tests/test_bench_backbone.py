@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from spa.bench import REQUIRED_KEYS, bench_backbone, format_backbone_table
 from spa.cli import main
@@ -88,7 +90,10 @@ def test_cli_quick_with_trained_gate(tmp_path):
     ckpt = _checkpoint(tmp_path / "last.pt")
     argv = ["bench", "backbone", "--models", "spt_nano", "--quick", "--no-memory", "--sizes", "64"]
     argv += ["--batch-sizes", "1", "--keep-ratios", "0.5", "--layouts", "masked", "--rounds", "1"]
-    assert main([*argv, "--checkpoint", str(ckpt), "--json", str(out)]) == 0
+    image = tmp_path / "images" / "a.png"
+    image.parent.mkdir()
+    Image.fromarray((np.random.rand(48, 80, 3) * 255).astype(np.uint8)).save(image)
+    assert main([*argv, "--checkpoint", str(ckpt), "--images", str(image.parent), "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert isinstance(records, list)
     _check(records)
@@ -99,7 +104,7 @@ def test_cli_quick_with_trained_gate(tmp_path):
     ]
     gate = records[-1]
     assert gate["checkpoint"] == str(ckpt) and 0.0 <= gate["keep_ratio"] <= 1.0
-    assert all(r["peak_rss_mb"] is None for r in records)
+    assert all(r["peak_rss_mb"] is None and r["inputs"] == "1 image files" for r in records)
 
 
 @pytest.mark.parametrize(
