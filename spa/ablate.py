@@ -180,7 +180,7 @@ def ablate_stages(
     coverage: float = 0.2,
     model: str = "spt_nano",
     img_size: int = 128,
-    steps: int = 200,
+    steps: int = 120,
     batch_size: int = 4,
     lr: float = 1e-3,
     warmup_steps: int = 10,
@@ -351,7 +351,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sel.set_defaults(func=_run_selection)
     st = sub.add_parser("stages", help="SPA in stages {4} / {3,4} / {2,3,4} / {1,2,3,4} (detection)")
-    _common(st, "runs/ablate_stages", "data/ablate_builtin_det", 128, 32, 200, 4)
+    _common(st, "runs/ablate_stages", "data/ablate_builtin_det", 128, 32, 120, 4)
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--variants", nargs="+", default=list(STAGE_VARIANTS), choices=list(STAGE_VARIANTS))
     st.set_defaults(func=_run_stages)
