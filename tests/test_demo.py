@@ -22,7 +22,7 @@ def test_demo_writes_report_and_figures(tmp_path):
     assert saved["threshold_sweep"][1]["gmacs_executed"] <= saved["threshold_sweep"][0]["gmacs_executed"]
     assert {row["coverage"] for row in saved["coverage"]} == {0.05, 0.6}
     for model in ("spt_nano", "swin_nano"):
-        assert saved["timing"][model]["detector_train_img_s"] > 0
+        assert saved["timing"][model]["detector_train_b2_img_s"] > 0
         assert saved["timing"][model]["backbone_infer_b1_img_s"] > 0
     text = (out / "report.md").read_text()
     assert "Small-scale run" in text and "| box AP50 |" in text and "torch" in text
