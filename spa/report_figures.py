@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_ap_vs_gmacs", "plot_cost_vs_coverage", "plot_keep_during_training", "smooth"]
+__all__ = ["plot_ap_vs_gmacs", "plot_cost_vs_coverage", "plot_keep_during_training", "save_figure", "smooth"]
 
 
 def _plt():
@@ -48,11 +48,12 @@ def _rows(rows: Any, keys: Sequence[str], name: str) -> list[Mapping[str, Any]]:
     return list(rows)
 
 
-def _save(fig, out: str | Path) -> Path:
+def save_figure(fig, out: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating parent folders) and close a matplotlib figure; returns the path."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     _plt().close(fig)
     return out
 
@@ -93,7 +94,7 @@ def plot_ap_vs_gmacs(sweep: Sequence[Mapping[str, Any]], dense: Mapping[str, Any
         ax.set_title(f"{metric} vs backbone compute")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_cost_vs_coverage(rows: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
@@ -123,7 +124,7 @@ def plot_cost_vs_coverage(rows: Sequence[Mapping[str, Any]], out: str | Path) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("backbone cost vs scene coverage")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def smooth(values: Sequence[float], alpha: float = 0.9) -> list[float]:
@@ -212,4 +213,4 @@ def plot_keep_during_training(
     ax.set_title("tokens kept during training (smoothed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spa.report_figures import save_figure
 from spa.selection import Selection
 
 __all__ = ["IMAGE_SUFFIXES", "draw_selection_overlays", "model_selections", "register", "stage_keep_maps"]
@@ -146,12 +147,7 @@ def draw_selection_overlays(
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path, dpi=100)
 
 
 @torch.no_grad()

@@ -58,9 +58,6 @@ def show_samples(
                 x1, y1, ds.class_names[lab - 1], color="white", fontsize=6, backgroundcolor=color, va="bottom"
             )
         ax.set_title(f"image {target['image_id']}: {len(target['labels'])} objects", fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    from spa.report_figures import save_figure
+
+    return save_figure(fig, out)
