@@ -304,7 +304,7 @@ def render_report(report: dict) -> str:
         f"**Small-scale run**: {cfg['train_images']} training images of {cfg['img_size']} px from the built-in "
         f"generated set, {cfg['steps']} steps of batch {cfg['batch_size']}, random initialisation (no pretrained "
         "weights), on the machine below. Numbers show the mechanism, not COCO-scale accuracy. A full run "
-        "(`spa demo --full`: 512 images, 4000 steps of batch 8) takes about 20x longer on this CPU; a COCO run "
+        "(`spa demo --full`: 512 images, 4000 steps of batch 8) trains about 30x longer on this CPU; a COCO run "
         "needs a GPU and Swin weights (`spa.load_swin_weights`).",
         "",
         f"Environment: {env['device']}, {env['threads']} threads, torch {env['torch']}, python {env['python']}, "
