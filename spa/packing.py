@@ -114,7 +114,8 @@ class Packed:
         if self.layout == "masked":
             return rows.view(K, S, *rows.shape[1:])
         out = rows.new_zeros(K * S, *rows.shape[1:])
-        return out.index_copy(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
+        # in place on the fresh buffer: autograd handles it, and it saves a copy of every slot
+        return out.index_copy_(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
 
     def from_slots(self, y: torch.Tensor) -> torch.Tensor:
         """Rows ``[R, D]`` of per-slot values ``[K, S, D]`` (the inverse of ``to_slots``)."""
@@ -164,7 +165,8 @@ class Packed:
             return rows.view(values.shape)
         K, S = self.image.shape
         out = rows.new_full((K * S, *rows.shape[1:]), fill)
-        return out.index_copy(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
+        # in place on the fresh buffer: autograd handles it, and it saves a copy of every slot
+        return out.index_copy_(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
 
     def _check_rows(self, rows: torch.Tensor) -> None:
         if rows.dim() < 1 or rows.shape[0] != self.num_rows:
@@ -287,7 +289,7 @@ def pack(
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
         out = torch.full((num_containers * slots,), -1, device=device, dtype=torch.long)
-        return out.index_copy(0, dest, values).view(num_containers, slots)
+        return out.index_copy_(0, dest, values).view(num_containers, slots)
 
     return Packed(
         inputs=x,
