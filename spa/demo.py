@@ -63,31 +63,32 @@ def _log(msg: str) -> None:
     print(f"[spa demo] {msg}", flush=True)
 
 
-def _train(cfg: DemoConfig, model: str, out: Path) -> dict:
-    from spa.cli import main
+def _train(cfg: DemoConfig, model: str, out: Path) -> tuple[dict, torch.nn.Module]:
+    """Train and evaluate one detector exactly as ``spa train`` would; returns (metrics, trained model)."""
+    from spa.engine.commands import RunConfig, run_training
 
-    args = [
-        "train",
-        "--model",
-        model,
-        "--detector",
-        cfg.detector,
-        "--data",
-        "builtin",
-        "--data-dir",
-        cfg.data_dir,
-    ]
-    args += ["--builtin-images", str(cfg.train_images), "--builtin-val-images", str(cfg.val_images)]
-    args += ["--coverage", str(cfg.coverage), "--img-size", str(cfg.img_size), "--max-steps", str(cfg.steps)]
-    args += ["--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(cfg.seed)]
-    args += ["--checkpoint-every", str(max(50, cfg.steps // 4)), "--out", str(out)]
-    if model.startswith("spt_"):
-        args += ["--selection-alpha", str(cfg.selection_alpha)]
+    run = RunConfig(
+        model=model,
+        detector=cfg.detector,
+        data="builtin",
+        data_dir=cfg.data_dir,
+        builtin_images=cfg.train_images,
+        builtin_val_images=cfg.val_images,
+        coverage=cfg.coverage,
+        img_size=cfg.img_size,
+        max_steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        checkpoint_every=max(50, cfg.steps // 4),
+        out=str(out),
+        **({"selection_alpha": cfg.selection_alpha} if model.startswith("spt_") else {}),
+    )
     start = time.perf_counter()
-    main(args)
-    result = json.loads((out / "eval.json").read_text())
-    result["train_minutes"] = (time.perf_counter() - start) / 60
-    return result
+    result = run_training(run)
+    metrics = result["eval"]
+    metrics["train_minutes"] = (time.perf_counter() - start) / 60
+    return metrics, result["model"]
 
 
 def _median_ms(fn, rounds: int) -> float:
@@ -217,7 +218,6 @@ def _keep_movement(metrics: Path) -> dict[str, dict[str, float]]:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every step and write ``report.md``, ``report.json`` and the figures into ``cfg.out``."""
     from spa.data import builtin_dataset, collate_detection, detection_transforms
-    from spa.engine.commands import load_detector
     from spa.report_figures import plot_ap_vs_gmacs, plot_cost_vs_coverage, plot_keep_during_training
     from spa.tasks.backbones import dense_baseline_of
     from spa.viz import draw_selection_overlays, model_selections
@@ -228,11 +228,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     dense_name = dense_baseline_of(cfg.model)
     report: dict[str, Any] = {"config": asdict(cfg), "environment": environment(), "models": {}}
 
+    models: dict[str, torch.nn.Module] = {}
     for i, name in enumerate((cfg.model, dense_name)):
         _log(f"step {i + 1}/6: training {name} + {cfg.detector} for {cfg.steps} steps")
-        report["models"][name] = {"eval": _train(cfg, name, out / name)}
-    checkpoints = {name: out / name / "checkpoints" / "last.pt" for name in report["models"]}
-    models = {name: load_detector(path)[0] for name, path in checkpoints.items()}
+        metrics, models[name] = _train(cfg, name, out / name)
+        report["models"][name] = {"eval": metrics}
+    checkpoints = {name: out / name / "checkpoints" / "last.pt" for name in models}
     val = builtin_dataset(cfg.data_dir, "val")
 
     _log("step 3/6: keep-threshold sweep of the trained SPT")
