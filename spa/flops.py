@@ -20,6 +20,8 @@ the window, both equal half of PyTorch's ``FlopCounterMode`` total (it counts 2 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +30,7 @@ from torch import nn
 
 from spa.models.spa_block import SPABlock
 
-__all__ = ["MacCount", "count_macs"]
+__all__ = ["MacCount", "MacTally", "count_macs", "counting_macs"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,67 @@ def _plain_macs(module: nn.Module, output: torch.Tensor) -> int:
     return output.numel() * kernel
 
 
+class MacTally:
+    """MACs accumulated over every forward of a model while ``counting_macs`` is active."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, tuple[int, int]] = {}
+        self.images = 0
+
+    def add(self, name: str, kept: int, executed: int) -> None:
+        old = self.counts.get(name, (0, 0))
+        self.counts[name] = (old[0] + kept, old[1] + executed)
+
+    def result(self) -> MacCount:
+        """GMACs per image over all images seen so far."""
+        if self.images == 0:
+            raise ValueError("no forward pass was counted")
+        scale = 1e9 * self.images
+        return MacCount(
+            kept=sum(k for k, _ in self.counts.values()) / scale,
+            executed=sum(e for _, e in self.counts.values()) / scale,
+            by_module={name: (k / scale, e / scale) for name, (k, e) in self.counts.items()},
+        )
+
+
+@contextmanager
+def counting_macs(model: nn.Module, count_images: bool = True) -> Iterator[MacTally]:
+    """Count the MACs of every forward of ``model``'s layers inside the block (hooks, no extra forward).
+
+    With ``count_images`` the images are counted from the first dimension of ``model``'s first input at
+    each ``model(...)`` call; a caller that runs the model another way (e.g. a detector calling a
+    backbone method) sets it to False and adds to ``tally.images`` itself.
+    """
+    tally = MacTally()
+    inside: set[int] = set()
+    handles = [
+        model.register_forward_pre_hook(
+            lambda m, args: setattr(tally, "images", tally.images + args[0].shape[0])
+        )
+    ]
+    for name, module in model.named_modules():
+        if isinstance(module, (SPABlock, SwinTransformerBlock)):
+            inside.update(id(m) for m in module.modules() if m is not module)
+            fn = _spa_block_macs if isinstance(module, SPABlock) else _swin_block_macs
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, args, out, name=name, fn=fn: tally.add(name, *fn(m, args[0]))
+                )
+            )
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(module) not in inside:
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, args, out, name=name: tally.add(name, _plain_macs(m, out), _plain_macs(m, out))
+                )
+            )
+    try:
+        yield tally
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def count_macs(model: nn.Module, images: torch.Tensor) -> MacCount:
     """Run ``model(images)`` once (no grad, in the model's current mode) and count its MACs per image.
 
@@ -101,40 +164,6 @@ def count_macs(model: nn.Module, images: torch.Tensor) -> MacCount:
     """
     if not isinstance(images, torch.Tensor) or images.dim() < 1 or images.shape[0] == 0:
         raise ValueError("images must be a non-empty batch tensor")
-    counts: dict[str, tuple[int, int]] = {}
-    inside: set[int] = set()
-    handles = []
-
-    def add(name: str, kept: int, executed: int) -> None:
-        old = counts.get(name, (0, 0))
-        counts[name] = (old[0] + kept, old[1] + executed)
-
-    for name, module in model.named_modules():
-        if isinstance(module, (SPABlock, SwinTransformerBlock)):
-            inside.update(id(m) for m in module.modules() if m is not module)
-            fn = _spa_block_macs if isinstance(module, SPABlock) else _swin_block_macs
-            handles.append(
-                module.register_forward_hook(
-                    lambda m, args, out, name=name, fn=fn: add(name, *fn(m, args[0]))
-                )
-            )
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(module) not in inside:
-            handles.append(
-                module.register_forward_hook(
-                    lambda m, args, out, name=name: add(name, _plain_macs(m, out), _plain_macs(m, out))
-                )
-            )
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    scale = 1e9 * images.shape[0]
-    by_module = {name: (k / scale, e / scale) for name, (k, e) in counts.items()}
-    return MacCount(
-        kept=sum(k for k, _ in counts.values()) / scale,
-        executed=sum(e for _, e in counts.values()) / scale,
-        by_module=by_module,
-    )
+    with counting_macs(model) as tally, torch.no_grad():
+        model(images)
+    return tally.result()

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
-from spa.flops import count_macs
+from spa.flops import counting_macs
 from spa.tasks.detection import SPADetector
 
 __all__ = [
@@ -128,28 +128,30 @@ def evaluate_detection(
     boxes: list[dict] = []
     masks: list[dict] = []
     tokens: dict[int, torch.Tensor] = {}
-    macs = {"kept": 0.0, "executed": 0.0}
     seen = 0
     iterator: Sequence = loader
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(loader, desc="eval", dynamic_ncols=True)
-    for images, targets in iterator:
-        images = [im.to(device) for im in images]
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        predictions = model(images, targets)
-        for stage, counts in model.token_counts().items():
-            tokens[stage] = tokens.get(stage, torch.zeros(4, dtype=torch.float64)) + counts
-        for prediction, target in zip(predictions, targets):
-            b, m = to_coco_results(prediction, int(target["image_id"]), label_to_cat_id)
-            boxes += b
-            masks += m
-        if count_gmacs:
-            count = count_macs(model.backbone.body, model.detector.transform.last_input)
-            macs["kept"] += count.kept * len(images)
-            macs["executed"] += count.executed * len(images)
-        seen += len(images)
+    # the backbone's MACs are counted by hooks during the detector's own forward (no second pass)
+    counting = (
+        counting_macs(model.backbone.body, count_images=False) if count_gmacs else contextlib.nullcontext()
+    )
+    with counting as tally:
+        for images, targets in iterator:
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            predictions = model(images, targets)
+            for stage, counts in model.token_counts().items():
+                tokens[stage] = tokens.get(stage, torch.zeros(4, dtype=torch.float64)) + counts
+            for prediction, target in zip(predictions, targets):
+                b, m = to_coco_results(prediction, int(target["image_id"]), label_to_cat_id)
+                boxes += b
+                masks += m
+            seen += len(images)
+            if tally is not None:
+                tally.images += len(images)
     if seen == 0:
         raise ValueError("the evaluation set is empty")
     result: dict[str, Any] = {"images": seen, "bbox": coco_metrics(coco_gt, boxes, "bbox")}
@@ -163,7 +165,8 @@ def evaluate_detection(
         for stage, c in sorted(tokens.items())
     }
     if count_gmacs:
-        result["gmacs"] = {k: v / seen for k, v in macs.items()}
+        count = tally.result()
+        result["gmacs"] = {"kept": count.kept, "executed": count.executed}
     return result
 
 
