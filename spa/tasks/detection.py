@@ -65,7 +65,6 @@ class _RecordingTransform(GeneralizedRCNNTransform):
 
     def forward(self, images, targets=None):
         image_list, targets = super().forward(images, targets)
-        self.last_input = image_list.tensors
         self.last_input_size = tuple(image_list.tensors.shape[-2:])
         self.last_image_sizes = list(image_list.image_sizes)
         self.last_targets = targets
