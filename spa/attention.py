@@ -6,7 +6,12 @@ per-pair additive bias (relative position bias). Both hooks are functions of the
 (their index in the visiting order) so every backend, and the loop-based reference, can call them.
 
 Backends:
-    ``sdpa``       one ``F.scaled_dot_product_attention`` call over all containers with a mask (CPU default).
+    ``auto``       (default) ``math`` on CPU, ``sdpa`` on CUDA.
+    ``math``       explicit ``baddbmm -> softmax -> bmm`` over all containers with an additive mask. On CPU in
+                   training it is ~1.5x faster than ``sdpa``: with a bias that needs a gradient, PyTorch's
+                   SDPA falls back to its math kernel, which adds a scale pass on ``q``/``k``, a safe-softmax
+                   check and a masked-fill backward (``spa bench block`` measures the block).
+    ``sdpa``       one ``F.scaled_dot_product_attention`` call over all containers with a mask.
     ``varlen``     FlexAttention on CUDA (block-sparse kernel with the same mask and bias).
     ``reference``  explicit loops over images and chunks, written from the spec, for tests.
 """
@@ -23,7 +28,7 @@ from spa.packing import Packed
 
 __all__ = ["BACKENDS", "PackedAttention", "PairBias", "PairMask", "allowed_pairs", "packed_attention"]
 
-BACKENDS = ("sdpa", "varlen", "reference")
+BACKENDS = ("auto", "math", "sdpa", "varlen", "reference")
 
 PairBias = Callable[[torch.Tensor], "torch.Tensor | None"]
 """``position`` ``[K, S]`` -> additive bias ``[K, heads, S, S]`` or None (padding positions are ``-1``)."""
@@ -46,6 +51,30 @@ def allowed_pairs(segment: torch.Tensor, pair_mask: torch.Tensor | None = None) 
         allowed = allowed & pair_mask
     eye = torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device)
     return allowed | (eye & ~real[:, :, None])
+
+
+def _math(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale: float | None):
+    K, H, S, D = q.shape
+    allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))[:, None]  # K, 1, S, S
+    additive = q.new_zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    bias = _call(pair_bias, packed.position)
+    # a plain add (not masked_fill) on the bias: its backward passes the gradient through untouched
+    additive = additive.expand(K, H, S, S) if bias is None else bias + additive
+    # batch the (container, head) matrices in the memory order of the bias (head-major when the hook returns
+    # a transposed view), so that the bias is never copied, forward or backward
+    head_major = additive.transpose(0, 1).is_contiguous()
+
+    def batched(t: torch.Tensor) -> torch.Tensor:
+        return (t.transpose(0, 1) if head_major else t).reshape(K * H, S, t.shape[-1])
+
+    logits = torch.baddbmm(
+        batched(additive), batched(q), batched(k).transpose(1, 2), alpha=D**-0.5 if scale is None else scale
+    )
+    weights = logits.softmax(-1)  # never a fully masked row: padding rows see themselves
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    out = torch.bmm(weights, batched(v))
+    return out.view(H, K, S, D).transpose(0, 1) if head_major else out.view(K, H, S, D)
 
 
 def _sdpa(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale: float | None):
@@ -127,7 +156,7 @@ def _reference(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, 
     return out.view(K, S, H, D).transpose(1, 2)
 
 
-_BACKEND_FNS = {"sdpa": _sdpa, "varlen": _varlen, "reference": _reference}
+_BACKEND_FNS = {"math": _math, "sdpa": _sdpa, "varlen": _varlen, "reference": _reference}
 
 
 def packed_attention(
@@ -137,7 +166,7 @@ def packed_attention(
     packed: Packed,
     pair_bias: PairBias | None = None,
     pair_mask: PairMask | None = None,
-    backend: str = "sdpa",
+    backend: str = "auto",
     dropout_p: float = 0.0,
     scale: float | None = None,
 ) -> torch.Tensor:
@@ -154,6 +183,8 @@ def packed_attention(
         )
     if packed.num_containers == 0:
         return q
+    if backend == "auto":
+        backend = "sdpa" if q.device.type == "cuda" else "math"
     return _BACKEND_FNS[backend](q, k, v, packed, pair_bias, pair_mask, dropout_p, scale)
 
 
@@ -167,7 +198,8 @@ class PackedAttention(nn.Module):
         qkv_bias: bias in the ``qkv`` projection.
         attn_drop: attention dropout (``sdpa`` only).
         proj_drop: dropout after the output projection.
-        backend: ``sdpa``, ``varlen`` (CUDA) or ``reference``.
+        backend: ``auto`` (``math`` on CPU, ``sdpa`` on CUDA), ``math``, ``sdpa``, ``varlen`` (CUDA) or
+            ``reference``.
     """
 
     def __init__(
@@ -178,7 +210,7 @@ class PackedAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        backend: str = "sdpa",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:

@@ -76,6 +76,11 @@ class Packed:
         """
         return self.gather(self.inputs)
 
+    @cached_property
+    def padding_slots(self) -> torch.Tensor:
+        """``[K * S - T]`` flat indices of the padding slots (for ``masked``: of the unkept tokens)."""
+        return (self.image.reshape(-1) < 0).nonzero().squeeze(1)
+
     @property
     def num_containers(self) -> int:
         """``K``: number of containers attention runs over (0 when nothing is kept)."""
@@ -113,8 +118,9 @@ class Packed:
         K, S = self.image.shape
         if self.layout == "masked":
             return rows.view(K, S, *rows.shape[1:])
-        out = rows.new_zeros(K * S, *rows.shape[1:])
-        # in place on the fresh buffer: autograd handles it, and it saves a copy of every slot
+        # zero only the padding slots (before the copy, so autograd records no fill), then copy the rows in
+        # place into the fresh buffer: one write of every slot
+        out = rows.new_empty(K * S, *rows.shape[1:]).index_fill_(0, self.padding_slots, 0)
         return out.index_copy_(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
 
     def from_slots(self, y: torch.Tensor) -> torch.Tensor:
@@ -143,6 +149,22 @@ class Packed:
         if self.layout == "masked":
             rows = rows.index_select(0, self.source_index)
         return base.index_copy(0, self.source_index, rows).view(B, N, D)
+
+    def add_rows(self, base: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``base`` ``[B, N, D]`` with rows ``[R, D]`` added at the kept tokens (a residual update).
+
+        Tokens that were not kept come out bit-identical. Differentiable; the gradient of ``base`` is the
+        incoming gradient itself (no copy), which makes this cheaper than ``scatter_rows(base + ..., fill=base)``
+        in training. For ``masked`` the rows of unkept tokens are ignored.
+        """
+        self._check_rows(rows)
+        B, N = self.batch_size, self.num_tokens
+        D = rows.shape[-1]
+        if base.shape != (B, N, D):
+            raise ValueError(f"base must be [B, N, D] = [{B}, {N}, {D}], got {tuple(base.shape)}")
+        if self.layout == "masked":
+            rows = rows.index_select(0, self.source_index)
+        return base.reshape(B * N, D).index_add(0, self.source_index, rows).view(B, N, D)
 
     def unpack(self, y: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Scatter per-slot results ``y`` ``[K, S, D]`` back to ``[B, N, D]``.

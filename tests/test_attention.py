@@ -58,11 +58,12 @@ def assert_close_on_kept(a, b, keep):
     torch.testing.assert_close(a[keep], b[keep], atol=1e-5, rtol=1e-5)
 
 
-@given(cases(), st.sampled_from(("containers", "padded", "masked", "stream")))
-def test_sdpa_matches_reference_outputs_and_gradients(case, layout):
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@given(case=cases(), layout=st.sampled_from(("containers", "padded", "masked", "stream")))
+def test_fast_backends_match_reference_outputs_and_gradients(backend, case, layout):
     x, keep, L, order, hooks = case
     module = PackedAttention(DIM, HEADS)
-    fast, fast_grads, _ = run(module, x, keep, L, layout, order, "sdpa", hooks)
+    fast, fast_grads, _ = run(module, x, keep, L, layout, order, backend, hooks)
     ref, ref_grads, _ = run(module, x, keep, L, layout, order, "reference", hooks)
     assert_close_on_kept(fast, ref, keep)
     for a, b in zip(fast_grads, ref_grads):
@@ -102,10 +103,11 @@ def test_edge_cases_match_reference():
     }
     for name, (x, keep) in cases.items():
         for layout in ("containers", "padded", "masked", "stream"):
-            fast, _, _ = run(module, x, keep, 4, layout, None, "sdpa")
             ref, _, _ = run(module, x, keep, 4, layout, None, "reference")
-            assert torch.isfinite(fast).all(), name
-            assert_close_on_kept(fast, ref, keep)
+            for backend in ("math", "sdpa"):
+                fast, _, _ = run(module, x, keep, 4, layout, None, backend)
+                assert torch.isfinite(fast).all(), (name, backend)
+                assert_close_on_kept(fast, ref, keep)
 
 
 def test_nothing_kept_skips_attention_and_keeps_gradients_defined():
@@ -134,6 +136,25 @@ def test_batch_invariance_with_shared_containers():
             module, x[b : b + 1], keep[b : b + 1], 7, "containers", order, "sdpa", backward=False
         )
         torch.testing.assert_close(alone[0][keep[b]], batch[b][keep[b]], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_backend_is_math_on_cpu_and_bias_layout_does_not_change_results():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, HEADS, 4, 4, generator=g) for _ in range(3))
+    packed = pack(torch.zeros(2, 6, 1), torch.rand(2, 6, generator=g) < 0.7, 4)
+    q, k, v = (t[: packed.num_containers] for t in (q, k, v))
+    auto = packed_attention(q, k, v, packed, pair_bias, pair_mask)
+    math = packed_attention(q, k, v, packed, pair_bias, pair_mask, backend="math")
+    assert torch.equal(auto, math)
+
+    def head_major_bias(position):  # the same bias as a transposed view, as SPA blocks return it
+        return pair_bias(position).transpose(0, 1).contiguous().transpose(0, 1)
+
+    other = packed_attention(q, k, v, packed, head_major_bias, pair_mask, backend="math")
+    torch.testing.assert_close(other, math, atol=1e-6, rtol=1e-6)
+    ref = packed_attention(q, k, v, packed, pair_bias, pair_mask, backend="reference")
+    real = (packed.image >= 0)[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(other[real], ref[real], atol=1e-5, rtol=1e-5)
 
 
 def test_allowed_pairs_never_sees_padding_or_other_segments():

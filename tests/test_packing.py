@@ -150,6 +150,34 @@ def test_pack_unpack_is_differentiable():
     assert torch.autograd.gradcheck(fn, (x,))
 
 
+@given(ragged(), st.sampled_from(LAYOUTS))
+def test_to_slots_zeroes_padding_and_add_rows_is_a_residual_update(case, layout):
+    x, keep, L, order = case
+    packed = pack(x, keep, L, layout, order)
+    rows = packed.select(x) + 1.0
+    slots = packed.to_slots(rows)
+    if layout != "masked":
+        assert torch.all(slots.reshape(-1, 3)[packed.padding_slots] == 0)
+        assert packed.padding_slots.numel() + packed.num_kept == packed.image.numel()
+    out = packed.add_rows(x, rows)
+    expected = torch.where(keep[..., None], 2 * x + 1.0, x)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[~keep], x[~keep])  # unkept tokens bit-identical
+
+
+def test_add_rows_is_differentiable_and_passes_the_base_gradient_through():
+    x = torch.randn(3, 12, 4, dtype=torch.double, requires_grad=True)
+    keep = torch.rand(3, 12) < 0.5
+    packed = pack(x, keep, 5, "containers", torch.randperm(12))
+    rows = packed.select(x).detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda b, r: packed.add_rows(b, r.sin()), (x, rows))
+    out = packed.add_rows(x, rows)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(rows.grad, torch.ones_like(rows))
+    with pytest.raises(ValueError, match="base must be"):
+        packed.add_rows(x[:, :5], rows)
+
+
 def test_masked_layout_does_not_gather():
     x = torch.randn(2, 9, 3)
     keep = torch.rand(2, 9) < 0.5

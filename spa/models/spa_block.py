@@ -113,9 +113,11 @@ class PackedWindowAttention(PackedAttention):
         dh = delta[..., 0].clamp(-(wh - 1), wh - 1) + (wh - 1)
         dw = delta[..., 1].clamp(-(ww - 1), ww - 1) + (ww - 1)
         index = dh * (2 * ww - 1) + dw
-        # index_select: its backward (index_add) is ~1.5x faster on CPU than advanced indexing's
-        bias = self.relative_position_bias_table.index_select(0, index.reshape(-1))
-        return bias.view(*index.shape, -1).permute(0, 3, 1, 2)
+        # gather along the last dim of the transposed [heads, entries] table: its backward (index_add over
+        # contiguous per-head rows) is ~3x faster on CPU than gathering rows of the [entries, heads] table
+        table = self.relative_position_bias_table.t().contiguous()
+        bias = table.index_select(1, index.reshape(-1))
+        return bias.view(-1, *index.shape).transpose(0, 1)
 
 
 class SPABlock(nn.Module):
@@ -136,7 +138,7 @@ class SPABlock(nn.Module):
             passed to ``TokenGate``.
         layout: packing layout (``containers``, ``stream``, ``padded``, ``masked``).
         ffn: ``kept`` (FFN only on kept tokens) or ``all``.
-        backend: attention backend (``sdpa``, ``varlen``, ``reference``).
+        backend: attention backend (``auto``, ``math``, ``sdpa``, ``varlen``, ``reference``).
         stage, block, stride: written into the ``Selection`` record.
     """
 
@@ -161,7 +163,7 @@ class SPABlock(nn.Module):
         init_keep_prob: float = 0.5,
         layout: str = "containers",
         ffn: str = "kept",
-        backend: str = "sdpa",
+        backend: str = "auto",
         stage: int = 0,
         block: int = 0,
         stride: int = 16,
@@ -258,9 +260,7 @@ class SPABlock(nn.Module):
         scale = self._per_image_drop_path(B, x)  # one stochastic-depth draw per image for the whole block
         out = tokens
         if packed.num_kept:
-            out = packed.scatter_rows(
-                self._kept_update(packed, tokens, decision.soft, geometry, scale), fill=tokens
-            )
+            out = packed.add_rows(tokens, self._kept_update(packed, tokens, decision.soft, geometry, scale))
         if self.ffn == "all":
             out = self._ffn_on_unkept(out, decision.keep, scale)
         selection = Selection(
@@ -281,7 +281,7 @@ class SPABlock(nn.Module):
         geometry: WindowGeometry,
         scale: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Attention + FFN on the rows of the kept tokens (``packed.select``): ``[R, C]`` out.
+        """Residual update (attention + FFN) of the kept tokens' rows (``packed.select``): ``[R, C]`` out.
 
         Linear layers and the FFN run on rows only; padding slots exist only inside attention.
         """
@@ -304,10 +304,9 @@ class SPABlock(nn.Module):
                 row_scale = scale.repeat_interleave(packed.num_tokens)[:, None]
             else:
                 row_scale = scale[packed.source_index // packed.num_tokens][:, None]
-            y = rows + update * row_scale
-            return y + self.mlp(self.norm2(y)) * row_scale
-        y = rows + update
-        return y + self.mlp(self.norm2(y))
+            update = update * row_scale
+            return update + self.mlp(self.norm2(rows + update)) * row_scale
+        return update + self.mlp(self.norm2(rows + update))
 
     def _ffn_on_unkept(
         self, out: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None

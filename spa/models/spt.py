@@ -145,7 +145,7 @@ class SPT(nn.Module):
         temperature, min_keep, straight_through: passed to every ``TokenGate``.
         layout: packing layout ``containers`` (default), ``stream``, ``padded`` or ``masked``.
         ffn: ``kept`` (default: FFN on kept tokens only) or ``all``.
-        backend: attention backend of the SPA blocks (``sdpa``, ``varlen``, ``reference``).
+        backend: attention backend of the SPA blocks (``auto``, ``math``, ``sdpa``, ``varlen``, ``reference``).
     """
 
     def __init__(
@@ -175,7 +175,7 @@ class SPT(nn.Module):
         straight_through: bool = False,
         layout: str = "containers",
         ffn: str = "kept",
-        backend: str = "sdpa",
+        backend: str = "auto",
         norm_layer: type[nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()
