@@ -19,6 +19,7 @@ Backends:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,18 +27,62 @@ from torch import nn
 
 from spa.packing import Packed
 
-__all__ = ["BACKENDS", "PackedAttention", "PairBias", "PairMask", "allowed_pairs", "packed_attention"]
+__all__ = [
+    "BACKENDS",
+    "PackedAttention",
+    "PairBias",
+    "PairMask",
+    "TableBias",
+    "allowed_pairs",
+    "packed_attention",
+]
 
 BACKENDS = ("auto", "math", "sdpa", "varlen", "reference")
 
-PairBias = Callable[[torch.Tensor], "torch.Tensor | None"]
-"""``position`` ``[K, S]`` -> additive bias ``[K, heads, S, S]`` or None (padding positions are ``-1``)."""
+@dataclass(frozen=True)
+class TableBias:
+    """A per-pair additive bias given as a lookup, ``bias[k, h, i, j] = table[h, index[k, i, j]]``.
+
+    Relative position biases have this form. Backends gather it themselves, so that the ``math`` backend can
+    gather the bias and the attention mask in one pass (masked pairs read an extra ``-inf`` entry).
+
+    Attributes:
+        table: ``[heads, entries]`` bias values (any layout; a transposed view of a parameter is fine).
+        index: ``[K, S, S]`` long entry of every pair.
+    """
+
+    table: torch.Tensor
+    index: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The bias ``[K, heads, S, S]`` (a head-major view: its ``transpose(0, 1)`` is contiguous)."""
+        K, S, _ = self.index.shape
+        bias = self.table.contiguous().index_select(1, self.index.reshape(-1))
+        return bias.view(-1, K, S, S).transpose(0, 1)
+
+    def masked(self, allowed: torch.Tensor) -> torch.Tensor:
+        """``dense()`` with ``-inf`` where ``allowed`` (bool ``[K, S, S]``) is False, in one gather."""
+        heads, entries = self.table.shape
+        K, S, _ = self.index.shape
+        table = torch.cat([self.table, self.table.new_full((heads, 1), float("-inf"))], 1)
+        index = self.index.masked_fill(~allowed, entries)
+        return table.index_select(1, index.reshape(-1)).view(heads, K, S, S).transpose(0, 1)
+
+
+PairBias = Callable[[torch.Tensor], "torch.Tensor | TableBias | None"]
+"""``position`` ``[K, S]`` -> additive bias ``[K, heads, S, S]`` (or a ``TableBias``) or None (padding
+positions are ``-1``)."""
 PairMask = Callable[[torch.Tensor], "torch.Tensor | None"]
 """``position`` ``[K, S]`` -> bool ``[K, S, S]`` (True where query ``i`` may see key ``j``) or None."""
 
 
 def _call(hook, position: torch.Tensor) -> torch.Tensor | None:
     return None if hook is None else hook(position)
+
+
+def _dense_bias(pair_bias: PairBias | None, position: torch.Tensor) -> torch.Tensor | None:
+    bias = _call(pair_bias, position)
+    return bias.dense() if isinstance(bias, TableBias) else bias
 
 
 def allowed_pairs(segment: torch.Tensor, pair_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,11 +100,14 @@ def allowed_pairs(segment: torch.Tensor, pair_mask: torch.Tensor | None = None) 
 
 def _math(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale: float | None):
     K, H, S, D = q.shape
-    allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))[:, None]  # K, 1, S, S
-    additive = q.new_zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))  # K, S, S
     bias = _call(pair_bias, packed.position)
-    # a plain add (not masked_fill) on the bias: its backward passes the gradient through untouched
-    additive = additive.expand(K, H, S, S) if bias is None else bias + additive
+    if isinstance(bias, TableBias):
+        additive = bias.masked(allowed)  # bias and mask in one gather
+    else:
+        additive = q.new_zeros(K, 1, S, S).masked_fill_(~allowed[:, None], float("-inf"))
+        # a plain add (not masked_fill) on the bias: its backward passes the gradient through untouched
+        additive = additive.expand(K, H, S, S) if bias is None else bias + additive
     # batch the (container, head) matrices in the memory order of the bias (head-major when the hook returns
     # a transposed view), so that the bias is never copied, forward or backward
     head_major = additive.transpose(0, 1).is_contiguous()
@@ -79,7 +127,7 @@ def _math(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale
 
 def _sdpa(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale: float | None):
     allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))[:, None]  # K, 1, S, S
-    bias = _call(pair_bias, packed.position)
+    bias = _dense_bias(pair_bias, packed.position)
     attn_mask = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
@@ -106,7 +154,7 @@ def _flex(q, k, v, packed: Packed, pair_bias, pair_mask, scale: float | None):
 
     block_mask = create_block_mask(mask_mod, K, None, S, S, device=q.device)
     score_mod = None
-    bias = _call(pair_bias, packed.position)
+    bias = _dense_bias(pair_bias, packed.position)
     if bias is not None:
 
         def score_mod(score, b, h, q_idx, kv_idx):
@@ -146,7 +194,7 @@ def _reference(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, 
             pos = torch.tensor([p for p, _ in chunk], device=q.device)[None]
             qc, kc, vc = q_flat[slots], k_flat[slots], v_flat[slots]  # n, H, D
             logits = torch.einsum("ihd,jhd->hij", qc, kc) * scale
-            bias, mask = _call(pair_bias, pos), _call(pair_mask, pos)
+            bias, mask = _dense_bias(pair_bias, pos), _call(pair_mask, pos)
             if bias is not None:
                 logits = logits + bias[0]
             if mask is not None:

@@ -48,7 +48,8 @@ class Packed:
             order; attention hooks look up coordinates with it.
         segment: tokens attend to each other only if their segment ids are equal (same image and chunk).
         source: flat source position ``b * N + n`` of every slot.
-        slot_index: ``[T]`` flat slot ``k * S + s`` of each of the ``T`` kept tokens.
+        slot_index: ``[T]`` flat slot ``k * S + s`` of each of the ``T`` kept tokens, ascending (rows are in
+            slot order; for ``masked``: image by image in visiting order).
         source_index: ``[T]`` flat source position of each kept token, aligned with ``slot_index``.
         layout: the layout name.
         batch_size: ``B``.
@@ -76,11 +77,6 @@ class Packed:
         """
         return self.gather(self.inputs)
 
-    @cached_property
-    def padding_slots(self) -> torch.Tensor:
-        """``[K * S - T]`` flat indices of the padding slots (for ``masked``: of the unkept tokens)."""
-        return (self.image.reshape(-1) < 0).nonzero().squeeze(1)
-
     @property
     def num_containers(self) -> int:
         """``K``: number of containers attention runs over (0 when nothing is kept)."""
@@ -102,10 +98,23 @@ class Packed:
         """``R``: rows the block computes on: kept tokens, or all ``B * N`` tokens for ``masked``."""
         return self.batch_size * self.num_tokens if self.layout == "masked" else self.num_kept
 
+    @cached_property
+    def slot_runs(self) -> tuple[list[int], list[bool]]:
+        """The ``K * S`` slots as runs of consecutive real or padding slots: ``(lengths, is_real)``.
+
+        Rows are in slot order, so ``to_slots``/``from_slots`` move whole runs (one ``cat``) instead of
+        gathering slot by slot. The ``containers`` layout has at most ``1 + 2 * bins`` runs.
+        """
+        real = self.image.reshape(-1) >= 0
+        if real.numel() == 0:
+            return [], []
+        flags, lengths = torch.unique_consecutive(real, return_counts=True)
+        return lengths.tolist(), flags.tolist()
+
     def select(self, values: torch.Tensor) -> torch.Tensor:
-        """Rows ``[R, ...]`` of a per-token tensor ``[B, N, ...]``: the kept tokens, image by image in
-        visiting order (for ``masked``: every token, in place). Linear layers and the FFN run on these
-        rows, so padding exists only inside attention (``to_slots``)."""
+        """Rows ``[R, ...]`` of a per-token tensor ``[B, N, ...]``: the kept tokens in slot order, container
+        by container (for ``masked``: every token, in place). Linear layers and the FFN run on these rows,
+        so padding exists only inside attention (``to_slots``)."""
         B, N = self.batch_size, self.num_tokens
         if values.shape[:2] != (B, N):
             raise ValueError(f"values must start with [B, N] = [{B}, {N}], got {tuple(values.shape)}")
@@ -116,12 +125,15 @@ class Packed:
         """Lay rows ``[R, D]`` into the containers: ``[K, S, D]``, zeros in padding slots."""
         self._check_rows(rows)
         K, S = self.image.shape
-        if self.layout == "masked":
-            return rows.view(K, S, *rows.shape[1:])
-        # zero only the padding slots (before the copy, so autograd records no fill), then copy the rows in
-        # place into the fresh buffer: one write of every slot
-        out = rows.new_empty(K * S, *rows.shape[1:]).index_fill_(0, self.padding_slots, 0)
-        return out.index_copy_(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
+        if self.layout == "masked" or self.num_kept == K * S:
+            return rows.view(K, S, *rows.shape[1:])  # no padding: rows in slot order are the slots
+        # rows are in slot order: interleave runs of rows with runs of zeros, one copy (its backward: one cat)
+        lengths, is_real = self.slot_runs
+        real_runs = iter(rows.split([n for n, r in zip(lengths, is_real) if r]))
+        pad_lengths = [n for n, r in zip(lengths, is_real) if not r]
+        pad_runs = iter(rows.new_zeros(sum(pad_lengths), *rows.shape[1:]).split(pad_lengths))
+        pieces = [next(real_runs) if r else next(pad_runs) for r in is_real]
+        return torch.cat(pieces).view(K, S, *rows.shape[1:])
 
     def from_slots(self, y: torch.Tensor) -> torch.Tensor:
         """Rows ``[R, D]`` of per-slot values ``[K, S, D]`` (the inverse of ``to_slots``)."""
@@ -129,7 +141,10 @@ class Packed:
         if y.shape[:2] != (K, S):
             raise ValueError(f"y must start with [K, S] = [{K}, {S}], got {tuple(y.shape)}")
         flat = y.reshape(K * S, *y.shape[2:])
-        return flat if self.layout == "masked" else flat.index_select(0, self.slot_index)
+        if self.layout == "masked" or self.num_kept == K * S:
+            return flat
+        lengths, is_real = self.slot_runs
+        return torch.cat([run for run, r in zip(flat.split(lengths), is_real) if r])
 
     def scatter_rows(self, rows: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Write rows ``[R, D]`` back to ``[B, N, D]``; tokens that were not kept take ``fill``.
@@ -313,14 +328,19 @@ def pack(
         out = torch.full((num_containers * slots,), -1, device=device, dtype=torch.long)
         return out.index_copy_(0, dest, values).view(num_containers, slots)
 
+    source_slots = scatter(source)
+    slot_index, source_index = dest, source
+    if layout != "masked":  # rows in slot order: ascending slots, read off the slot map (no sort)
+        slot_index = (source_slots.reshape(-1) >= 0).nonzero().squeeze(1)
+        source_index = source_slots.reshape(-1).index_select(0, slot_index)
     return Packed(
         inputs=x,
         image=scatter(batch_idx),
         position=scatter(seq_pos),
         segment=scatter(segment),
-        source=scatter(source),
-        slot_index=dest,
-        source_index=source,
+        source=source_slots,
+        slot_index=slot_index,
+        source_index=source_index,
         layout=layout,
         batch_size=B,
         num_tokens=N,
