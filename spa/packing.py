@@ -98,19 +98,6 @@ class Packed:
         """``R``: rows the block computes on: kept tokens, or all ``B * N`` tokens for ``masked``."""
         return self.batch_size * self.num_tokens if self.layout == "masked" else self.num_kept
 
-    @cached_property
-    def slot_runs(self) -> tuple[list[int], list[bool]]:
-        """The ``K * S`` slots as runs of consecutive real or padding slots: ``(lengths, is_real)``.
-
-        Rows are in slot order, so ``to_slots``/``from_slots`` move whole runs (one ``cat``) instead of
-        gathering slot by slot. The ``containers`` layout has at most ``1 + 2 * bins`` runs.
-        """
-        real = self.image.reshape(-1) >= 0
-        if real.numel() == 0:
-            return [], []
-        flags, lengths = torch.unique_consecutive(real, return_counts=True)
-        return lengths.tolist(), flags.tolist()
-
     def select(self, values: torch.Tensor) -> torch.Tensor:
         """Rows ``[R, ...]`` of a per-token tensor ``[B, N, ...]``: the kept tokens in slot order, container
         by container (for ``masked``: every token, in place). Linear layers and the FFN run on these rows,
@@ -127,13 +114,9 @@ class Packed:
         K, S = self.image.shape
         if self.layout == "masked" or self.num_kept == K * S:
             return rows.view(K, S, *rows.shape[1:])  # no padding: rows in slot order are the slots
-        # rows are in slot order: interleave runs of rows with runs of zeros, one copy (its backward: one cat)
-        lengths, is_real = self.slot_runs
-        real_runs = iter(rows.split([n for n, r in zip(lengths, is_real) if r]))
-        pad_lengths = [n for n, r in zip(lengths, is_real) if not r]
-        pad_runs = iter(rows.new_zeros(sum(pad_lengths), *rows.shape[1:]).split(pad_lengths))
-        pieces = [next(real_runs) if r else next(pad_runs) for r in is_real]
-        return torch.cat(pieces).view(K, S, *rows.shape[1:])
+        out = rows.new_zeros(K * S, *rows.shape[1:])
+        # in place on the fresh buffer: autograd handles it, and it saves a copy of every slot
+        return out.index_copy_(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
 
     def from_slots(self, y: torch.Tensor) -> torch.Tensor:
         """Rows ``[R, D]`` of per-slot values ``[K, S, D]`` (the inverse of ``to_slots``)."""
@@ -142,9 +125,8 @@ class Packed:
             raise ValueError(f"y must start with [K, S] = [{K}, {S}], got {tuple(y.shape)}")
         flat = y.reshape(K * S, *y.shape[2:])
         if self.layout == "masked" or self.num_kept == K * S:
-            return flat
-        lengths, is_real = self.slot_runs
-        return torch.cat([run for run, r in zip(flat.split(lengths), is_real) if r])
+            return flat  # no padding: the slots are the rows
+        return flat.index_select(0, self.slot_index)
 
     def scatter_rows(self, rows: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Write rows ``[R, D]`` back to ``[B, N, D]``; tokens that were not kept take ``fill``.
