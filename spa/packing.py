@@ -38,8 +38,9 @@ LAYOUTS = ("containers", "stream", "padded", "masked")
 class Packed:
     """Kept tokens laid into ``K`` containers of ``S`` slots, with where every slot came from.
 
-    ``S`` is the chunk length ``L`` for every layout but ``masked`` (``K = B``, ``S = N``). All index
-    tensors are ``[K, S]`` long with ``-1`` in padding slots.
+    ``S`` is the chunk length ``L`` for every layout but ``masked`` (``K = B``, ``S = N``), or less when no
+    container is full: containers are then trimmed to the fullest one (padding that every container would
+    share is never computed). All index tensors are ``[K, S]`` long with ``-1`` in padding slots.
 
     Attributes:
         inputs: the ``[B, N, C]`` tokens that were packed (a reference, not a copy).
@@ -282,6 +283,8 @@ def pack(
         rest = [c % length for c in counts]
         bins, bin_offset, num_bins = _first_fit_decreasing(rest, length)
         num_full = sum(full)
+        if not num_full:  # only shared bins: trim every container to the fullest bin
+            slots = max((o + r for o, r in zip(bin_offset, rest) if r), default=length)
         full_base = torch.tensor([0, *full[:-1]], device=device, dtype=torch.long).cumsum(0)
         full_t = torch.tensor(full, device=device, dtype=torch.long)
         in_full = chunk < full_t[batch_idx]
@@ -295,8 +298,11 @@ def pack(
         container, slot = flat_rank // length, flat_rank % length
         segment = container * B + batch_idx
         num_containers = -(-total // length)
+        slots = min(length, total) if total else length
     elif layout == "padded":
         per_image = max((-(-c // length) for c in counts), default=0)
+        if per_image == 1:
+            slots = max(counts)
         container, slot = batch_idx * per_image + chunk, offset
         num_containers = B * per_image if total else 0
     else:  # masked: no gather, tokens stay where they are
