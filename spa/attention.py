@@ -39,6 +39,7 @@ __all__ = [
 
 BACKENDS = ("auto", "math", "sdpa", "varlen", "reference")
 
+
 @dataclass(frozen=True)
 class TableBias:
     """A per-pair additive bias given as a lookup, ``bias[k, h, i, j] = table[h, index[k, i, j]]``.

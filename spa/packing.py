@@ -78,6 +78,11 @@ class Packed:
         """
         return self.gather(self.inputs)
 
+    @cached_property
+    def padding_slots(self) -> torch.Tensor:
+        """``[K * S - T]`` flat indices of the padding slots (``masked``: of the unkept tokens)."""
+        return (self.image.reshape(-1) < 0).nonzero().squeeze(1)
+
     @property
     def num_containers(self) -> int:
         """``K``: number of containers attention runs over (0 when nothing is kept)."""
@@ -115,8 +120,9 @@ class Packed:
         K, S = self.image.shape
         if self.layout == "masked" or self.num_kept == K * S:
             return rows.view(K, S, *rows.shape[1:])  # no padding: rows in slot order are the slots
-        out = rows.new_zeros(K * S, *rows.shape[1:])
-        # in place on the fresh buffer: autograd handles it, and it saves a copy of every slot
+        # zero only the padding slots (before the copy, so autograd records no fill), then copy the rows in
+        # place into the fresh buffer: one write of every slot
+        out = rows.new_empty(K * S, *rows.shape[1:]).index_fill_(0, self.padding_slots, 0)
         return out.index_copy_(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
 
     def from_slots(self, y: torch.Tensor) -> torch.Tensor:

@@ -161,6 +161,7 @@ def test_to_slots_zeroes_padding_and_add_rows_is_a_residual_update(case, layout)
     slots = packed.to_slots(rows)
     if layout != "masked":
         assert torch.all(slots[packed.image < 0] == 0)
+        assert packed.padding_slots.numel() == packed.image.numel() - packed.num_kept
         assert torch.equal(slots[packed.image >= 0], rows)  # rows are in slot order
         assert torch.all(packed.slot_index.diff() > 0)
     out = packed.add_rows(x, rows)

@@ -114,7 +114,9 @@ class PackedWindowAttention(PackedAttention):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def axis_offset_index(self, height: int, width: int, device: torch.device | None = None) -> AxisOffsetIndex:
+    def axis_offset_index(
+        self, height: int, width: int, device: torch.device | None = None
+    ) -> AxisOffsetIndex:
         """Per-axis parts of the table entry of a pair: ``rows[r_i, r_j] + cols[c_i, c_j]``.
 
         ``rows`` is ``[height, height]``, ``cols`` ``[width, width]``; offsets are clipped to the table.
@@ -131,7 +133,9 @@ class PackedWindowAttention(PackedAttention):
         """Bias of the pairs of tokens at rolled-frame ``coords`` ``[K, S, 2]``, as a table lookup
         (``TableBias.dense()`` is ``[K, heads, S, S]``); ``offsets`` from ``axis_offset_index``."""
         row, col = coords[..., 0], coords[..., 1]
-        index = offsets.rows[row[:, :, None], row[:, None, :]] + offsets.cols[col[:, :, None], col[:, None, :]]
+        index = (
+            offsets.rows[row[:, :, None], row[:, None, :]] + offsets.cols[col[:, :, None], col[:, None, :]]
+        )
         return TableBias(self.relative_position_bias_table.t(), index)
 
 
