@@ -62,12 +62,34 @@ class TableBias:
         return bias.view(-1, K, S, S).transpose(0, 1)
 
     def masked(self, allowed: torch.Tensor) -> torch.Tensor:
-        """``dense()`` with ``-inf`` where ``allowed`` (bool ``[K, S, S]``) is False, in one gather."""
+        """The bias with ``-inf`` where ``allowed`` (bool ``[K, S, S]``) is False, in one gather, as head-major
+        matrices ``[heads * K, S, S]`` (``dense()`` order transposed) in a fresh tensor that may be updated in
+        place (the ``math`` backend accumulates ``q @ k`` into it)."""
         heads, entries = self.table.shape
-        K, S, _ = self.index.shape
         table = torch.cat([self.table, self.table.new_full((heads, 1), float("-inf"))], 1)
-        index = self.index.masked_fill(~allowed, entries)
-        return table.index_select(1, index.reshape(-1)).view(heads, K, S, S).transpose(0, 1)
+        return _GatherColumns.apply(table, self.index.masked_fill(~allowed, entries))
+
+
+class _GatherColumns(torch.autograd.Function):
+    """``table[:, index]`` ``[H, E]`` x ``[K, S, S]`` -> ``[H * K, S, S]``, returned as a tensor of its own (not a
+    view) so that autograd lets callers update it in place."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        heads = table.shape[0]
+        K, S, _ = index.shape
+        ctx.save_for_backward(index)
+        ctx.entries = table.shape[1]
+        out = table.new_empty(heads * K, S, S)
+        torch.index_select(table.contiguous(), 1, index.reshape(-1), out=out.view(heads, -1))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        flat = grad.reshape(grad.shape[0] // index.shape[0], -1)  # heads, K * S * S
+        table_grad = grad.new_zeros(flat.shape[0], ctx.entries)
+        return table_grad.index_add_(1, index.reshape(-1), flat), None
 
 
 PairBias = Callable[[torch.Tensor], "torch.Tensor | TableBias | None"]
@@ -103,22 +125,25 @@ def _math(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale
     K, H, S, D = q.shape
     allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))  # K, S, S
     bias = _call(pair_bias, packed.position)
-    if isinstance(bias, TableBias):
-        additive = bias.masked(allowed)  # bias and mask in one gather
-    else:
+    additive = None
+    if not isinstance(bias, TableBias):
         additive = q.new_zeros(K, 1, S, S).masked_fill_(~allowed[:, None], float("-inf"))
         # a plain add (not masked_fill) on the bias: its backward passes the gradient through untouched
         additive = additive.expand(K, H, S, S) if bias is None else bias + additive
-    # batch the (container, head) matrices in the memory order of the bias (head-major when the hook returns
-    # a transposed view), so that the bias is never copied, forward or backward
-    head_major = additive.transpose(0, 1).is_contiguous()
+    # batch the (container, head) matrices in the memory order of the bias (head-major for a TableBias or when
+    # the hook returns a transposed view), so that the bias is never copied, forward or backward
+    head_major = additive is None or additive.transpose(0, 1).is_contiguous()
 
     def batched(t: torch.Tensor) -> torch.Tensor:
         return (t.transpose(0, 1) if head_major else t).reshape(K * H, S, t.shape[-1])
 
-    logits = torch.baddbmm(
-        batched(additive), batched(q), batched(k).transpose(1, 2), alpha=D**-0.5 if scale is None else scale
-    )
+    scale = D**-0.5 if scale is None else scale
+    if (
+        additive is None
+    ):  # bias and mask in one gather into a fresh tensor; q @ k accumulates into it in place
+        logits = bias.masked(allowed).baddbmm_(batched(q), batched(k).transpose(1, 2), alpha=scale)
+    else:
+        logits = torch.baddbmm(batched(additive), batched(q), batched(k).transpose(1, 2), alpha=scale)
     weights = logits.softmax(-1)  # never a fully masked row: padding rows see themselves
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)

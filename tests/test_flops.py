@@ -6,6 +6,7 @@ import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformer
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import spa
@@ -13,8 +14,23 @@ from spa.flops import count_macs
 
 
 def _torch_gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Half of FlopCounterMode's FLOPs (2 per MAC), per image; math SDPA so attention matmuls are counted."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+    """Half of FlopCounterMode's FLOPs (2 per MAC), per image; math SDPA so attention matmuls are counted.
+
+    FlopCounterMode has a formula for ``baddbmm`` but not for its in-place form, which the ``math`` attention
+    backend uses; torch's own ``baddbmm`` formula is registered for it.
+    """
+    baddbmm = flop_counter.flop_registry[torch.ops.aten.baddbmm]  # already takes tensors, not shapes
+
+    def baddbmm_in_place(*args, **kwargs):
+        return baddbmm(*args, **kwargs)
+
+    baddbmm_in_place._get_raw = True  # tell FlopCounterMode not to wrap it a second time
+    in_place = {torch.ops.aten.baddbmm_: baddbmm_in_place}
+    with (
+        sdpa_kernel(SDPBackend.MATH),
+        FlopCounterMode(display=False, custom_mapping=in_place) as counter,
+        torch.no_grad(),
+    ):
         model(x)
     return counter.get_total_flops() / 2 / x.shape[0] / 1e9
 
