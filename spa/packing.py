@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 
 import torch
 
@@ -200,7 +201,12 @@ class Packed:
 
 
 def _check_inputs(
-    x: torch.Tensor, keep: torch.Tensor, length: int, layout: str, order: torch.Tensor | None
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    length: int,
+    layout: str,
+    order: torch.Tensor | None,
+    check_order: bool,
 ) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [B, N, C] tensor, got {getattr(x, 'shape', type(x))}")
@@ -222,7 +228,11 @@ def _check_inputs(
         if order.device != x.device:
             raise ValueError(f"order is on {order.device} but x is on {x.device}")
         N = x.shape[1]
-        if order.numel() > N or (order.numel() and (order.min() < 0 or order.max() >= N)):
+        if order.numel() > N:
+            raise ValueError(f"order must hold distinct token indices in [0, {N})")
+        if not check_order:
+            return
+        if order.numel() and (order.min() < 0 or order.max() >= N):
             raise ValueError(f"order must hold distinct token indices in [0, {N})")
         if order.numel() and torch.bincount(order, minlength=N).max() > 1:
             raise ValueError("order must not repeat a token index")
@@ -251,6 +261,7 @@ def pack(
     length: int,
     layout: str = "containers",
     order: torch.Tensor | None = None,
+    check_order: bool = True,
 ) -> Packed:
     """Pack the kept tokens of ``x`` ``[B, N, C]`` (``keep`` ``[B, N]`` bool) into containers of ``length``.
 
@@ -261,29 +272,28 @@ def pack(
         layout: ``containers`` (default), ``stream``, ``padded`` or ``masked``; see the module docstring.
         order: visiting order of the tokens (indices into ``N``), e.g. Swin window order; tokens not in it
             must not be kept. Default: ``0..N-1``.
+        check_order: check that ``order`` holds distinct indices in range (a few reductions per call);
+            ``SPABlock`` turns it off for the window order it builds and caches itself.
 
     Returns:
         A ``Packed`` with the tokens and the plan to ``unpack`` results. Zero kept tokens give zero
         containers.
     """
-    _check_inputs(x, keep, length, layout, order)
+    _check_inputs(x, keep, length, layout, order, check_order)
     B, N, _ = x.shape
     device = x.device
     seq_keep = keep if order is None else keep[:, order]
     counts_t = seq_keep.sum(1)
-    if int(counts_t.sum()) != int(keep.sum()):
+    if order is not None and order.numel() < N and int(counts_t.sum()) != int(keep.sum()):
         raise ValueError("keep marks tokens that are not in order")
     counts = counts_t.tolist()
     batch_idx, seq_pos = seq_keep.nonzero(as_tuple=True)  # row-major: image by image, in visiting order
     token_idx = seq_pos if order is None else order[seq_pos]
     total = batch_idx.numel()
-    starts = torch.tensor([0, *counts[:-1]], device=device, dtype=torch.long).cumsum(0)
-    rank = torch.arange(total, device=device) - starts[batch_idx]
-    chunk, offset = rank // length, rank % length
-    chunks_per_image = N // length + 1
-    segment = batch_idx * chunks_per_image + chunk
+    starts = list(accumulate([0, *counts[:-1]]))
     slots = length
-
+    # per image: [first row, rank where its partial chunk starts, slot offset of full-chunk ranks, of the rest]
+    # so that a token's flat slot is ``rank + offset`` (one gather and a where, not one op per field)
     if layout == "containers":
         full = [c // length for c in counts]
         rest = [c % length for c in counts]
@@ -291,47 +301,52 @@ def pack(
         num_full = sum(full)
         if not num_full:  # only shared bins: trim every container to the fullest bin
             slots = max((o + r for o, r in zip(bin_offset, rest) if r), default=length)
-        full_base = torch.tensor([0, *full[:-1]], device=device, dtype=torch.long).cumsum(0)
-        full_t = torch.tensor(full, device=device, dtype=torch.long)
-        in_full = chunk < full_t[batch_idx]
-        part_bin = torch.tensor(bins, device=device, dtype=torch.long) + num_full
-        part_off = torch.tensor(bin_offset, device=device, dtype=torch.long)
-        container = torch.where(in_full, full_base[batch_idx] + chunk, part_bin[batch_idx])
-        slot = torch.where(in_full, offset, part_off[batch_idx] + offset)
+        full_base = list(accumulate([0, *full[:-1]]))
+        per_image = [
+            starts,
+            [f * length for f in full],
+            [base * length for base in full_base],
+            [(num_full + j) * slots + o - f * length for j, o, f in zip(bins, bin_offset, full)],
+        ]
         num_containers = num_full + num_bins
     elif layout == "stream":
-        flat_rank = torch.arange(total, device=device)
-        container, slot = flat_rank // length, flat_rank % length
-        segment = container * B + batch_idx
         num_containers = -(-total // length)
         slots = min(length, total) if total else length
+        per_image = [starts, [0] * B, [0] * B, starts]  # slot = flat rank in the batch
     elif layout == "padded":
-        per_image = max((-(-c // length) for c in counts), default=0)
-        if per_image == 1:
+        per_container = max((-(-c // length) for c in counts), default=0)
+        if per_container == 1:
             slots = max(counts)
-        container, slot = batch_idx * per_image + chunk, offset
-        num_containers = B * per_image if total else 0
+        num_containers = B * per_container if total else 0
+        per_image = [starts, [0] * B, [0] * B, [b * per_container * slots for b in range(B)]]
     else:  # masked: no gather, tokens stay where they are
-        container, slot = batch_idx, token_idx
         num_containers, slots = B, N
-
-    dest = container * slots + slot
+        per_image = [starts, [0] * B, [0] * B, [0] * B]
+    first, full_end, full_offset, rest_offset = torch.tensor(per_image, device=device, dtype=torch.long)[
+        :, batch_idx
+    ]
+    rank = torch.arange(total, device=device) - first
     source = batch_idx * N + token_idx
+    slot_offset = torch.where(rank < full_end, full_offset, rest_offset)
+    dest = source if layout == "masked" else rank + slot_offset
+    if layout == "stream":
+        segment = dest // length * B + batch_idx
+    else:
+        segment = batch_idx * (N // length + 1) + rank // length
 
-    def scatter(values: torch.Tensor) -> torch.Tensor:
-        out = torch.full((num_containers * slots,), -1, device=device, dtype=torch.long)
-        return out.index_copy_(0, dest, values).view(num_containers, slots)
-
-    source_slots = scatter(source)
+    # every per-slot field in one scatter: -1 in padding slots
+    fields = torch.full((4, num_containers * slots), -1, device=device, dtype=torch.long)
+    fields.index_copy_(1, dest, torch.stack([batch_idx, seq_pos, segment, source]))
+    image, position, segment_slots, source_slots = fields.view(4, num_containers, slots).unbind(0)
     slot_index, source_index = dest, source
     if layout != "masked":  # rows in slot order: ascending slots, read off the slot map (no sort)
         slot_index = (source_slots.reshape(-1) >= 0).nonzero().squeeze(1)
         source_index = source_slots.reshape(-1).index_select(0, slot_index)
     return Packed(
         inputs=x,
-        image=scatter(batch_idx),
-        position=scatter(seq_pos),
-        segment=scatter(segment),
+        image=image,
+        position=position,
+        segment=segment_slots,
         source=source_slots,
         slot_index=slot_index,
         source_index=source_index,

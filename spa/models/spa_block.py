@@ -282,7 +282,9 @@ class SPABlock(nn.Module):
                 raise ValueError(f"keep must be [B, H, W] = {[B, H, W]}, got {list(keep.shape)}")
             decision = decision._replace(keep=keep.reshape(B, H * W).to(x.device))
         window = geometry.window
-        packed = pack(tokens, decision.keep, window[0] * window[1], self.layout, geometry.order)
+        packed = pack(
+            tokens, decision.keep, window[0] * window[1], self.layout, geometry.order, check_order=False
+        )
         self.last_packed = packed
         scale = self._per_image_drop_path(B, x)  # one stochastic-depth draw per image for the whole block
         out = tokens
