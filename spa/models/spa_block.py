@@ -10,7 +10,6 @@ same packed code path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from timm.layers import Mlp, trunc_normal_
@@ -33,13 +32,6 @@ def window_shift(
     win = tuple(r if r <= w else w for r, w in zip(resolution, window))
     sh = tuple(0 if r <= w else s for r, w, s in zip(resolution, win, shift))
     return win, sh  # type: ignore[return-value]
-
-
-class AxisOffsetIndex(NamedTuple):
-    """Per-axis lookup of relative-position table entries (see ``PackedWindowAttention.axis_offset_index``)."""
-
-    rows: torch.Tensor
-    cols: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -114,28 +106,14 @@ class PackedWindowAttention(PackedAttention):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def axis_offset_index(
-        self, height: int, width: int, device: torch.device | None = None
-    ) -> AxisOffsetIndex:
-        """Per-axis parts of the table entry of a pair: ``rows[r_i, r_j] + cols[c_i, c_j]``.
-
-        ``rows`` is ``[height, height]``, ``cols`` ``[width, width]``; offsets are clipped to the table.
-        """
-        wh, ww = self.window
-
-        def part(size: int, window: int, scale: int) -> torch.Tensor:
-            at = torch.arange(size, device=device)
-            return ((at[:, None] - at[None, :]).clamp(-(window - 1), window - 1) + (window - 1)) * scale
-
-        return AxisOffsetIndex(part(height, wh, 2 * ww - 1), part(width, ww, 1))
-
-    def relative_position_bias(self, coords: torch.Tensor, offsets: AxisOffsetIndex) -> TableBias:
+    def relative_position_bias(self, coords: torch.Tensor) -> TableBias:
         """Bias of the pairs of tokens at rolled-frame ``coords`` ``[K, S, 2]``, as a table lookup
-        (``TableBias.dense()`` is ``[K, heads, S, S]``); ``offsets`` from ``axis_offset_index``."""
+        (``TableBias.dense()`` is ``[K, heads, S, S]``); offsets are clipped to the table's range."""
+        wh, ww = self.window
         row, col = coords[..., 0], coords[..., 1]
-        index = (
-            offsets.rows[row[:, :, None], row[:, None, :]] + offsets.cols[col[:, :, None], col[:, None, :]]
-        )
+        dh = (row[:, :, None] - row[:, None, :]).clamp_(-(wh - 1), wh - 1)
+        dw = (col[:, :, None] - col[:, None, :]).clamp_(-(ww - 1), ww - 1)
+        index = dh.mul_(2 * ww - 1).add_(dw).add_((wh - 1) * (2 * ww - 1) + ww - 1)
         return TableBias(self.relative_position_bias_table.t(), index)
 
 
@@ -222,7 +200,7 @@ class SPABlock(nn.Module):
         )  # fmt: skip
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self._geometry_cache: dict[tuple, tuple[WindowGeometry, AxisOffsetIndex]] = {}
+        self._geometry_cache: dict[tuple, WindowGeometry] = {}
         self.last_packed: Packed | None = None  # the plan of the latest forward, for inspection and FLOPs
 
     def geometry(self, height: int, width: int, device: torch.device) -> WindowGeometry:
@@ -233,18 +211,10 @@ class SPABlock(nn.Module):
         window (the block was built for a smaller input) has its offsets clipped to the table's range, as for
         any pair of packed tokens (no equality with timm is promised there).
         """
-        return self._cached_geometry(height, width, device)[0]
-
-    def _cached_geometry(
-        self, height: int, width: int, device: torch.device
-    ) -> tuple[WindowGeometry, AxisOffsetIndex]:
         key = (height, width, str(device))
         if key not in self._geometry_cache:
             window, shift = window_shift((height, width), self.target_window, self.target_shift)
-            self._geometry_cache[key] = (
-                window_geometry(height, width, window, shift, device),
-                self.attn.axis_offset_index(height, width, device),
-            )
+            self._geometry_cache[key] = window_geometry(height, width, window, shift, device)
         return self._geometry_cache[key]
 
     def _per_image_drop_path(self, batch_size: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -271,7 +241,7 @@ class SPABlock(nn.Module):
             raise ValueError(
                 f"previous_logits must be [B, H, W] = {[B, H, W]}, got {list(previous_logits.shape)}"
             )
-        geometry, offsets = self._cached_geometry(H, W, x.device)
+        geometry = self.geometry(H, W, x.device)
         tokens = x.reshape(B, H * W, C)
         previous = None if previous_logits is None else previous_logits.reshape(B, H * W)
         decision = self.gate(tokens, previous)
@@ -289,7 +259,7 @@ class SPABlock(nn.Module):
         scale = self._per_image_drop_path(B, x)  # one stochastic-depth draw per image for the whole block
         out = tokens
         if packed.num_kept:
-            update = self._kept_update(packed, tokens, decision.soft, geometry, offsets, scale)
+            update = self._kept_update(packed, tokens, decision.soft, geometry, scale)
             out = packed.add_rows(tokens, update)
         if self.ffn == "all":
             out = self._ffn_on_unkept(out, decision.keep, scale)
@@ -309,7 +279,6 @@ class SPABlock(nn.Module):
         tokens: torch.Tensor,
         soft: torch.Tensor | None,
         geometry: WindowGeometry,
-        offsets: AxisOffsetIndex,
         scale: torch.Tensor | None,
     ) -> torch.Tensor:
         """Residual update (attention + FFN) of the kept tokens' rows (``packed.select``): ``[R, C]`` out.
@@ -319,7 +288,7 @@ class SPABlock(nn.Module):
         rows = packed.select(tokens)
 
         def pair_bias(position: torch.Tensor) -> TableBias:
-            return self.attn.relative_position_bias(geometry.coords[position.clamp(min=0)], offsets)
+            return self.attn.relative_position_bias(geometry.coords[position.clamp(min=0)])
 
         def pair_mask(position: torch.Tensor) -> torch.Tensor | None:
             if not any(geometry.shift):
