@@ -128,11 +128,13 @@ def counting_macs(model: nn.Module, count_images: bool = True) -> Iterator[MacTa
     """
     tally = MacTally()
     inside: set[int] = set()
-    handles = [
-        model.register_forward_pre_hook(
-            lambda m, args: setattr(tally, "images", tally.images + args[0].shape[0])
+    handles = []
+    if count_images:
+        handles.append(
+            model.register_forward_pre_hook(
+                lambda m, args: setattr(tally, "images", tally.images + args[0].shape[0])
+            )
         )
-    ]
     for name, module in model.named_modules():
         if isinstance(module, (SPABlock, SwinTransformerBlock)):
             inside.update(id(m) for m in module.modules() if m is not module)

@@ -101,6 +101,18 @@ def test_evaluate_reports_every_metric(tiny_set):
     assert all(isinstance(v, float) and v == v and abs(v) != float("inf") for v in values)
 
 
+def test_evaluation_gmacs_of_a_dense_backbone_match_count_macs(tiny_set):
+    """The hooks count every image once (a detector calls its body through ``forward``)."""
+    from spa.flops import count_macs
+
+    val = builtin_dataset(tiny_set, "val")
+    det = build_detector(model="swin_nano", detector="faster_rcnn", num_classes=val.num_classes, **SMALL)
+    result = evaluate_detection(det, val, batch_size=2)
+    expected = count_macs(det.backbone.body.eval(), torch.randn(1, 3, 128, 128))
+    assert result["gmacs"]["executed"] == pytest.approx(expected.executed, rel=1e-9)
+    assert result["gmacs"]["kept"] == pytest.approx(expected.kept, rel=1e-9)
+
+
 def _train(args, out, **kwargs):
     return subprocess.run(
         [sys.executable, "-m", "spa.cli", "train", *args, "--out", str(out), "--quiet"],

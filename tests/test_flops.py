@@ -10,7 +10,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import spa
-from spa.flops import count_macs
+from spa.flops import count_macs, counting_macs
 
 
 def _torch_gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -88,3 +88,18 @@ def test_swin_padding_counts_as_executed_only() -> None:
 def test_bad_images() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         count_macs(spa.create_model("spt_nano"), torch.zeros(0, 3, 64, 64))
+
+
+def test_counting_macs_counts_images_only_when_asked() -> None:
+    model = spa.create_model("spt_nano", select="all", img_size=64).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with counting_macs(model) as tally, torch.no_grad():
+        model(x)
+        model(x[:1])
+    assert tally.images == 4
+    assert tally.result().executed == pytest.approx(count_macs(model, x).executed, rel=1e-9)
+    with counting_macs(model, count_images=False) as tally, torch.no_grad():
+        model(x)
+    assert tally.images == 0
+    with pytest.raises(ValueError, match="no forward"):
+        tally.result()
