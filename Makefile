@@ -30,7 +30,7 @@ test-slow: setup
 	$(PY) -m pytest -m slow
 
 bench: setup
-	$(VENV)/bin/spa bench block --json runs/bench/block.json
+	$(VENV)/bin/spa bench block --rounds 21 --json runs/bench/block.json
 
 demo: setup
 	$(VENV)/bin/spa demo

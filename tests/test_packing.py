@@ -183,6 +183,15 @@ def test_add_rows_is_differentiable_and_passes_the_base_gradient_through():
         packed.add_rows(x[:, :5], rows)
 
 
+@given(ragged(), st.sampled_from(LAYOUTS))
+def test_unchecked_order_packs_the_same(case, layout):
+    x, keep, L, order = case
+    a = pack(x, keep, L, layout, order)
+    b = pack(x, keep, L, layout, order, check_order=False)
+    for field in ("image", "position", "segment", "source", "slot_index", "source_index"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
 def test_masked_layout_does_not_gather():
     x = torch.randn(2, 9, 3)
     keep = torch.rand(2, 9) < 0.5
