@@ -138,9 +138,8 @@ def _math(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale
         return (t.transpose(0, 1) if head_major else t).reshape(K * H, S, t.shape[-1])
 
     scale = D**-0.5 if scale is None else scale
-    if (
-        additive is None
-    ):  # bias and mask in one gather into a fresh tensor; q @ k accumulates into it in place
+    if additive is None:
+        # bias and mask in one gather into a fresh tensor; q @ k accumulates into it in place
         logits = bias.masked(allowed).baddbmm_(batched(q), batched(k).transpose(1, 2), alpha=scale)
     else:
         logits = torch.baddbmm(batched(additive), batched(q), batched(k).transpose(1, 2), alpha=scale)
