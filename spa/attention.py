@@ -140,7 +140,8 @@ def _math(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale
     scale = D**-0.5 if scale is None else scale
     if additive is None:
         # bias and mask in one gather into a fresh tensor; q @ k accumulates into it in place
-        logits = bias.masked(allowed).baddbmm_(batched(q), batched(k).transpose(1, 2), alpha=scale)
+        logits = bias.masked(allowed).to(q.dtype)  # a no-op unless q is in another precision (autocast)
+        logits = logits.baddbmm_(batched(q), batched(k).transpose(1, 2), alpha=scale)
     else:
         logits = torch.baddbmm(batched(additive), batched(q), batched(k).transpose(1, 2), alpha=scale)
     weights = logits.softmax(-1)  # never a fully masked row: padding rows see themselves

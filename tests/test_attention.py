@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spa.attention import PackedAttention, _flex, allowed_pairs, packed_attention
+from spa.attention import PackedAttention, TableBias, _flex, allowed_pairs, packed_attention
 from spa.packing import pack
 
 HEADS, DIM = 2, 8
@@ -155,6 +155,35 @@ def test_auto_backend_is_math_on_cpu_and_bias_layout_does_not_change_results():
     ref = packed_attention(q, k, v, packed, pair_bias, pair_mask, backend="reference")
     real = (packed.image >= 0)[:, None, :, None].expand_as(ref)
     torch.testing.assert_close(other[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_table_bias_matches_its_dense_form_in_every_backend_and_precision():
+    g = torch.Generator().manual_seed(6)
+    packed = pack(torch.zeros(3, 10, 1), torch.rand(3, 10, generator=g) < 0.6, 4)
+    K, S = packed.image.shape
+    table = torch.randn(HEADS, 7, generator=g, requires_grad=True)
+    index = torch.randint(0, 7, (K, S, S), generator=g)
+
+    def table_bias(position):
+        return TableBias(table, index[: position.shape[0], : position.shape[1], : position.shape[1]])
+
+    def dense_bias(position):
+        return table_bias(position).dense()
+
+    q, k, v = (torch.randn(K, HEADS, S, 4, generator=g) for _ in range(3))
+    real = (packed.image >= 0)[:, None, :, None].expand_as(q)
+    for backend in ("math", "sdpa"):
+        a = packed_attention(q, k, v, packed, table_bias, pair_mask, backend=backend)
+        b = packed_attention(q, k, v, packed, dense_bias, pair_mask, backend=backend)
+        torch.testing.assert_close(a[real], b[real], atol=1e-6, rtol=1e-6)
+        (grad_a,) = torch.autograd.grad(a[real].sum(), table)
+        (grad_b,) = torch.autograd.grad(b[real].sum(), table)
+        torch.testing.assert_close(grad_a, grad_b, atol=1e-5, rtol=1e-5)
+    double = packed_attention(
+        q.double(), k.double(), v.double(), packed, table_bias, pair_mask, backend="math"
+    )
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double[real].float(), a[real], atol=1e-5, rtol=1e-5)
 
 
 def test_allowed_pairs_never_sees_padding_or_other_segments():
