@@ -55,6 +55,17 @@ class TableBias:
     table: torch.Tensor
     index: torch.Tensor
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.table, torch.Tensor) or self.table.dim() != 2:
+            raise ValueError(
+                f"table must be [heads, entries], got {getattr(self.table, 'shape', type(self.table))}"
+            )
+        index = self.index
+        if not isinstance(index, torch.Tensor) or index.dtype != torch.long:
+            raise TypeError(f"index must be a long tensor, got {getattr(index, 'dtype', type(index))}")
+        if index.dim() != 3 or index.shape[1] != index.shape[2]:
+            raise ValueError(f"index must be [K, S, S], got {tuple(index.shape)}")
+
     def dense(self) -> torch.Tensor:
         """The bias ``[K, heads, S, S]`` (a head-major view: its ``transpose(0, 1)`` is contiguous)."""
         K, S, _ = self.index.shape

@@ -229,3 +229,12 @@ def test_bad_backend_and_shapes():
         packed_attention(q[:2], q[:2], q[:2], packed, backend="nope")
     with pytest.raises(ValueError, match="rows"):
         PackedAttention(DIM, HEADS)(torch.randn(5, DIM), packed)
+
+
+def test_table_bias_checks_its_fields():
+    with pytest.raises(ValueError, match="table must be"):
+        TableBias(torch.zeros(3), torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="index must be a long"):
+        TableBias(torch.zeros(2, 3), torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="index must be"):
+        TableBias(torch.zeros(2, 3), torch.zeros(1, 2, 3, dtype=torch.long))
