@@ -69,8 +69,7 @@ class TableBias:
     def dense(self) -> torch.Tensor:
         """The bias ``[K, heads, S, S]`` (a head-major view: its ``transpose(0, 1)`` is contiguous)."""
         K, S, _ = self.index.shape
-        bias = self.table.contiguous().index_select(1, self.index.reshape(-1))
-        return bias.view(-1, K, S, S).transpose(0, 1)
+        return _GatherColumns.apply(self.table, self.index).view(-1, K, S, S).transpose(0, 1)
 
     def masked(self, allowed: torch.Tensor) -> torch.Tensor:
         """The bias with ``-inf`` where ``allowed`` (bool ``[K, S, S]``) is False, in one gather, as head-major
@@ -110,7 +109,7 @@ PairMask = Callable[[torch.Tensor], "torch.Tensor | None"]
 """``position`` ``[K, S]`` -> bool ``[K, S, S]`` (True where query ``i`` may see key ``j``) or None."""
 
 
-def _call(hook, position: torch.Tensor) -> torch.Tensor | None:
+def _call(hook, position: torch.Tensor) -> torch.Tensor | TableBias | None:
     return None if hook is None else hook(position)
 
 
@@ -136,20 +135,20 @@ def _math(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale
     K, H, S, D = q.shape
     allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))  # K, S, S
     bias = _call(pair_bias, packed.position)
-    additive = None
-    if not isinstance(bias, TableBias):
+    from_table = isinstance(bias, TableBias)
+    if not from_table:
         additive = q.new_zeros(K, 1, S, S).masked_fill_(~allowed[:, None], float("-inf"))
         # a plain add (not masked_fill) on the bias: its backward passes the gradient through untouched
         additive = additive.expand(K, H, S, S) if bias is None else bias + additive
     # batch the (container, head) matrices in the memory order of the bias (head-major for a TableBias or when
     # the hook returns a transposed view), so that the bias is never copied, forward or backward
-    head_major = additive is None or additive.transpose(0, 1).is_contiguous()
+    head_major = from_table or additive.transpose(0, 1).is_contiguous()
 
     def batched(t: torch.Tensor) -> torch.Tensor:
         return (t.transpose(0, 1) if head_major else t).reshape(K * H, S, t.shape[-1])
 
     scale = D**-0.5 if scale is None else scale
-    if additive is None:
+    if from_table:
         # bias and mask in one gather into a fresh tensor; q @ k accumulates into it in place
         logits = bias.masked(allowed).to(q.dtype)  # a no-op unless q is in another precision (autocast)
         logits = logits.baddbmm_(batched(q), batched(k).transpose(1, 2), alpha=scale)

@@ -115,15 +115,15 @@ class Packed:
         flat = values.reshape(B * N, *values.shape[2:])
         return flat if self.layout == "masked" else flat.index_select(0, self.source_index)
 
-    def to_slots(self, rows: torch.Tensor) -> torch.Tensor:
-        """Lay rows ``[R, D]`` into the containers: ``[K, S, D]``, zeros in padding slots."""
+    def to_slots(self, rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Lay rows ``[R, ...]`` into the containers: ``[K, S, ...]``, ``fill`` in padding slots."""
         self._check_rows(rows)
         K, S = self.image.shape
         if self.layout == "masked" or self.num_kept == K * S:
             return rows.view(K, S, *rows.shape[1:])  # no padding: rows in slot order are the slots
-        # zero only the padding slots (before the copy, so autograd records no fill), then copy the rows in
+        # fill only the padding slots (before the copy, so autograd records no fill), then copy the rows in
         # place into the fresh buffer: one write of every slot
-        out = rows.new_empty(K * S, *rows.shape[1:]).index_fill_(0, self.padding_slots, 0)
+        out = rows.new_empty(K * S, *rows.shape[1:]).index_fill_(0, self.padding_slots, fill)
         return out.index_copy_(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
 
     def from_slots(self, y: torch.Tensor) -> torch.Tensor:
@@ -142,17 +142,12 @@ class Packed:
         ``fill`` is a number or a ``[B, N, D]`` tensor (e.g. the block input, so unselected tokens pass
         through bit-identical). Differentiable with respect to ``rows`` and ``fill``.
         """
-        self._check_rows(rows)
-        B, N = self.batch_size, self.num_tokens
-        D = rows.shape[-1]
+        rows = self._kept_rows(rows)
+        B, N, D = self.batch_size, self.num_tokens, rows.shape[-1]
         if isinstance(fill, torch.Tensor):
-            if fill.shape != (B, N, D):
-                raise ValueError(f"fill must be [B, N, D] = [{B}, {N}, {D}], got {tuple(fill.shape)}")
-            base = fill.reshape(B * N, D)
+            base = self._flat_tokens(fill, "fill", D)
         else:
             base = rows.new_full((B * N, D), float(fill))
-        if self.layout == "masked":
-            rows = rows.index_select(0, self.source_index)
         return base.index_copy(0, self.source_index, rows).view(B, N, D)
 
     def add_rows(self, base: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -162,14 +157,9 @@ class Packed:
         incoming gradient itself (no copy), which makes this cheaper than ``scatter_rows(base + ..., fill=base)``
         in training. For ``masked`` the rows of unkept tokens are ignored.
         """
-        self._check_rows(rows)
-        B, N = self.batch_size, self.num_tokens
-        D = rows.shape[-1]
-        if base.shape != (B, N, D):
-            raise ValueError(f"base must be [B, N, D] = [{B}, {N}, {D}], got {tuple(base.shape)}")
-        if self.layout == "masked":
-            rows = rows.index_select(0, self.source_index)
-        return base.reshape(B * N, D).index_add(0, self.source_index, rows).view(B, N, D)
+        rows = self._kept_rows(rows)
+        flat = self._flat_tokens(base, "base", rows.shape[-1])
+        return flat.index_add(0, self.source_index, rows).view(base.shape)
 
     def unpack(self, y: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Scatter per-slot results ``y`` ``[K, S, D]`` back to ``[B, N, D]``.
@@ -187,13 +177,19 @@ class Packed:
 
         Padding slots take ``fill`` (for ``masked`` the values are returned in place, unkept included).
         """
-        rows = self.select(values)
-        if self.layout == "masked":
-            return rows.view(values.shape)
-        K, S = self.image.shape
-        out = rows.new_full((K * S, *rows.shape[1:]), fill)
-        # in place on the fresh buffer: autograd handles it, and it saves a copy of every slot
-        return out.index_copy_(0, self.slot_index, rows).view(K, S, *rows.shape[1:])
+        return self.to_slots(self.select(values), fill)
+
+    def _kept_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``[R, D]`` -> the kept tokens' rows ``[T, D]``, aligned with ``source_index``."""
+        self._check_rows(rows)
+        return rows.index_select(0, self.source_index) if self.layout == "masked" else rows
+
+    def _flat_tokens(self, tokens: torch.Tensor, name: str, D: int) -> torch.Tensor:
+        """A ``[B, N, D]`` tensor as ``[B * N, D]``; ``name`` is the argument named in the error."""
+        B, N = self.batch_size, self.num_tokens
+        if tokens.shape != (B, N, D):
+            raise ValueError(f"{name} must be [B, N, D] = [{B}, {N}, {D}], got {tuple(tokens.shape)}")
+        return tokens.reshape(B * N, D)
 
     def _check_rows(self, rows: torch.Tensor) -> None:
         if rows.dim() < 1 or rows.shape[0] != self.num_rows:
