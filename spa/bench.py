@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spa.attention import BACKENDS
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
 
@@ -85,6 +86,7 @@ def bench_block(
     shift: bool = False,
     keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2),
     layouts: tuple[str, ...] = LAYOUTS,
+    backend: str = "auto",
     passes: tuple[str, ...] = ("fwd", "fwd+bwd"),
     rounds: int = 7,
     warmup: int = 2,
@@ -94,7 +96,8 @@ def bench_block(
     """Time an SPA block (gate, pack, attention, FFN on kept tokens, unpack) against timm's Swin block.
 
     Returns one record per configuration with ``layout`` (``dense`` for timm), ``keep_ratio``, ``pass``,
-    ``ms`` (median), ``ratio_to_dense``, ``padding_fraction`` and ``containers``.
+    ``ms`` (median), ``ratio_to_dense``, ``padding_fraction``, ``containers`` and (SPA blocks) the attention
+    ``backend``.
     """
     from timm.models.swin_transformer import SwinTransformerBlock
 
@@ -114,7 +117,7 @@ def bench_block(
             for ratio in keep_ratios:
                 block = SPABlock(
                     dim, res, num_heads, window_size=window_size, shift_size=shift_size,
-                    select="topk", keep_ratio=ratio, layout=layout,
+                    select="topk", keep_ratio=ratio, layout=layout, backend=backend,
                 )  # fmt: skip
                 block.load_state_dict(dense.state_dict(), strict=False)
                 block.train(backward)
@@ -128,6 +131,7 @@ def bench_block(
                         "pass": pass_name,
                         "padding_fraction": round(packed.padding_fraction, 4),
                         "containers": packed.num_containers,
+                        "backend": backend,
                         "run": _step(block, x, backward, True),
                     }
                 )
@@ -203,6 +207,7 @@ def _run_block(args: argparse.Namespace) -> int:
         shift=args.shift,
         keep_ratios=tuple(float(r) for r in args.keep_ratios.split(",")),
         layouts=tuple(args.layouts.split(",")),
+        backend=args.backend,
         rounds=args.rounds,
         progress=lambda msg: print(f"[bench block] {msg}", flush=True),
     )
@@ -604,6 +609,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     block.add_argument("--shift", action="store_true", help="benchmark a shifted-window block")
     block.add_argument("--keep-ratios", default="1.0,0.5,0.3,0.2")
     block.add_argument("--layouts", default=",".join(LAYOUTS))
+    block.add_argument(
+        "--backend", default="auto", choices=BACKENDS, help="attention backend of the SPA block"
+    )
     block.add_argument("--rounds", type=int, default=7)
     block.add_argument("--threads", type=int, default=2)
     block.set_defaults(func=_run_block)

@@ -29,6 +29,7 @@ def test_cli_writes_json(tmp_path):
     out = tmp_path / "block.json"
     argv = ["bench", "block", "--json", str(out), "--batch-size", "2", "--resolution", "7", "--dim", "16"]
     argv += ["--heads", "2", "--rounds", "1", "--keep-ratios", "0.5", "--layouts", "containers"]
+    argv += ["--backend", "sdpa"]
     assert main(argv) == 0
     data = json.loads(out.read_text())
     assert data["environment"]["threads"] >= 1
@@ -38,3 +39,4 @@ def test_cli_writes_json(tmp_path):
         ("dense", "fwd+bwd"),
         ("containers", "fwd+bwd"),
     ]
+    assert [r["backend"] for r in data["records"] if r["layout"] != "dense"] == ["sdpa", "sdpa"]
