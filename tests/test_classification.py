@@ -308,3 +308,22 @@ def test_boolean_and_task_flags():
         parser.parse_args(["train", "--supervise-gate", "maybe"])
     with pytest.raises(ValueError, match="empty_images"):
         main(["train", "--empty-images", "ignore", "--task", "multilabel"])
+
+
+def test_grad_checkpointing_flag_reaches_the_backbone(tiny_set, tmp_path):
+    from spa.engine.commands import resolve_config, run_training
+    from spa.models.spt import SPAStage
+    from spa.tasks.backbones import set_grad_checkpointing
+
+    overrides = dict(
+        task="multilabel", data=f"builtin:{tiny_set}", img_size=64, max_steps=1, batch_size=2,
+        warmup_steps=1, out=str(tmp_path / "gc"), grad_checkpointing=True,
+    )  # fmt: skip
+    result = run_training(resolve_config(None, overrides), evaluate=False, progress=False, log=False)
+    stages = [m for m in result["model"].modules() if isinstance(m, SPAStage)]
+    assert stages and all(stage.grad_checkpointing for stage in stages)
+    assert result["summary"]["steps"] == 1 and math.isfinite(result["summary"]["last"]["loss"])
+    assert set_grad_checkpointing(result["model"], False) == 1
+    assert not any(stage.grad_checkpointing for stage in stages)
+    with pytest.raises(ValueError, match="no backbone"):
+        set_grad_checkpointing(torch.nn.Linear(2, 2))

@@ -193,3 +193,53 @@ def test_bad_input_and_options() -> None:
     with pytest.raises(ValueError, match="pretrained"):
         timm.create_model("spt_nano", pretrained=True)
     assert isinstance(model.layers[2], SPAStage)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn`` runs (checkpointing saves fewer)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+def test_grad_checkpointing_recomputes_spa_blocks_with_the_same_selection() -> None:
+    torch.manual_seed(0)
+    model = _nano(gate_init=0.4, drop_path_rate=0.2).train()  # Gumbel noise and stochastic depth are random
+    x = torch.randn(2, 3, 112, 112)
+    results = {}
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        torch.manual_seed(1)
+        saved, (out, selections) = _saved_bytes(lambda: model.forward_with_selections(x))
+        loss = out.square().sum() + sum(s.own_logits.sigmoid().sum() for s in selections)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[enable] = saved, out, [s.keep for s in selections], grads
+    (saved_plain, out_plain, keep_plain, grads_plain) = results[False]
+    (saved_ckpt, out_ckpt, keep_ckpt, grads_ckpt) = results[True]
+    assert any(k.any() and not k.all() for k in keep_plain)  # a real partial selection
+    assert saved_ckpt < 0.6 * saved_plain  # SPA stages (and timm's Swin stages) keep only block inputs
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(keep_ckpt, keep_plain))
+    assert grads_ckpt.keys() == grads_plain.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_grad_checkpointing_of_spa_stages_alone_saves_memory() -> None:
+    stage = SPAStage(32, 32, (14, 14), depth=2, downsample=False, num_heads=2, select="all").train()
+    x = torch.randn(2, 14, 14, 32, requires_grad=True)
+    plain, _ = _saved_bytes(lambda: stage(x))
+    stage.grad_checkpointing = True
+    ckpt, (out, _, _) = _saved_bytes(lambda: stage(x))
+    assert ckpt < 0.2 * plain
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -68,6 +68,7 @@ class RunConfig:
     spa_stages: list[int] | None = None
     ffn: str | None = None
     drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
     fpn_channels: int = 64
     representation_size: int = 256
     selection_alpha: float = 0.01
@@ -487,6 +488,10 @@ def run_training(
     torch.manual_seed(cfg.seed)
     train_set, val_set = task.datasets(cfg)
     model, meta, description = task.model(cfg, train_set)
+    if cfg.grad_checkpointing:
+        from spa.tasks.backbones import set_grad_checkpointing
+
+        set_grad_checkpointing(model)  # a memory setting of this run, not part of the saved model
     out = Path(cfg.out)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)

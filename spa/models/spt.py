@@ -23,6 +23,7 @@ from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._registry import generate_default_cfgs
 from timm.models.swin_transformer import PatchMerging, SwinTransformerStage
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from spa.attention import BACKENDS
 from spa.gate import SELECT_MODES, TokenGate
@@ -73,7 +74,7 @@ class SPAStage(nn.Module):
             tuple((r + 1) // 2 for r in input_resolution) if downsample else self.input_resolution
         )
         self.depth = depth
-        self.grad_checkpointing = False  # accepted for timm compatibility; SPA blocks run without it
+        self.grad_checkpointing = False  # recompute blocks in backward (``SPT.set_grad_checkpointing``)
         self.downsample = (
             PatchMerging(dim=dim, out_dim=out_dim, norm_layer=norm_layer) if downsample else nn.Identity()
         )
@@ -110,8 +111,14 @@ class SPAStage(nn.Module):
         if logits is not None and not isinstance(self.downsample, nn.Identity):
             logits = F.max_pool2d(logits[:, None], kernel_size=2, stride=2, ceil_mode=True)[:, 0]
         selections = []
+        recompute = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         for block in self.blocks:
-            x, selection = block(x, logits)
+            if recompute:
+                # non-reentrant: any outputs (the Selection), and the RNG state is restored for the recompute so
+                # the Gumbel noise and stochastic depth (hence the pack plan) are the same in both passes
+                x, selection = checkpoint(block, x, logits, use_reentrant=False)
+            else:
+                x, selection = block(x, logits)
             logits = selection.fused_logits
             selections.append(selection)
         return x, logits, selections
@@ -304,7 +311,8 @@ class SPT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Gradient checkpointing of the Swin stages (SPA stages always run without it)."""
+        """Gradient checkpointing: Swin stages through timm, SPA stages block by block (activations of a block
+        are recomputed in backward, with the same random draws, so the same tokens are kept)."""
         for layer in self.layers:
             layer.grad_checkpointing = enable
 

@@ -14,7 +14,7 @@ from torch import nn
 import spa.models.spt  # noqa: F401  (registers the SPT variants with timm)
 from spa.models.spt import create_model as create_spt
 
-__all__ = ["BACKBONES", "build_body", "dense_baseline_of"]
+__all__ = ["BACKBONES", "build_body", "dense_baseline_of", "set_grad_checkpointing"]
 
 # Dense Swin baselines: timm model name and overrides (same width as the SPT, Swin depths).
 SWIN_BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -61,3 +61,17 @@ def build_body(name: str, img_size: int | tuple[int, int], **kwargs: Any) -> nn.
             **kwargs,
         )
     raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> int:
+    """Turn gradient checkpointing on (or off) in every timm-style backbone inside ``model`` (an SPT, a timm
+    Swin or a task model holding one): its blocks' activations are recomputed in backward instead of kept.
+
+    Returns how many backbones were set; raises ``ValueError`` when ``model`` holds none.
+    """
+    backbones = [m for m in model.modules() if callable(getattr(m, "set_grad_checkpointing", None))]
+    if not backbones:
+        raise ValueError(f"{type(model).__name__} holds no backbone with gradient checkpointing")
+    for backbone in backbones:
+        backbone.set_grad_checkpointing(enable)
+    return len(backbones)
