@@ -20,7 +20,7 @@ the window, both equal half of PyTorch's ``FlopCounterMode`` total (it counts 2 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -119,15 +119,18 @@ class MacTally:
 
 
 @contextmanager
-def counting_macs(model: nn.Module, count_images: bool = True) -> Iterator[MacTally]:
+def counting_macs(
+    model: nn.Module, count_images: bool = True, exclude: Iterable[nn.Module] = ()
+) -> Iterator[MacTally]:
     """Count the MACs of every forward of ``model``'s layers inside the block (hooks, no extra forward).
 
     With ``count_images`` the images are counted from the first dimension of ``model``'s first input at
     each ``model(...)`` call; a caller that runs the model another way (e.g. a detector calling a
-    backbone method) sets it to False and adds to ``tally.images`` itself.
+    backbone method) sets it to False and adds to ``tally.images`` itself. Modules in ``exclude`` (and
+    their children) are not counted, e.g. a classifier head when only the backbone's features count.
     """
     tally = MacTally()
-    inside: set[int] = set()
+    inside: set[int] = {id(m) for module in exclude for m in module.modules()}
     handles = []
     if count_images:
         handles.append(
@@ -136,7 +139,7 @@ def counting_macs(model: nn.Module, count_images: bool = True) -> Iterator[MacTa
             )
         )
     for name, module in model.named_modules():
-        if isinstance(module, (SPABlock, SwinTransformerBlock)):
+        if isinstance(module, (SPABlock, SwinTransformerBlock)) and id(module) not in inside:
             inside.update(id(m) for m in module.modules() if m is not module)
             fn = _spa_block_macs if isinstance(module, SPABlock) else _swin_block_macs
             handles.append(

@@ -152,6 +152,36 @@ def test_evaluate_reports_map_keep_and_gmacs(tiny_set):
     assert result["gmacs"]["kept"] > 0 and result["gmacs"]["executed"] >= result["gmacs"]["kept"] * 0.99
 
 
+@pytest.mark.parametrize("name", ["spt_nano", "swin_nano"])
+def test_evaluation_gmacs_are_the_backbone_features_of_the_same_pass(tiny_set, name):
+    """Counted by hooks in the evaluation's own forward: equal to a separate count of ``forward_features``
+    on the same images, with the classifier head left out."""
+    from spa.flops import count_macs
+
+    view = BoxedMultiLabelView(
+        builtin_dataset(tiny_set, "val"), classification_transforms(False, 64, boxes=True)
+    )
+    model = build_classifier(model=name, num_classes=5, img_size=64, class_names=list(view.class_names))
+    result = evaluate_classification(model, view, batch_size=2)
+
+    class Features(torch.nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, x):
+            return self.backbone.forward_features(x)
+
+    images, _ = collate_classification([view[i] for i in range(len(view))])
+    counts = [count_macs(Features(model.backbone), images[i : i + 2]) for i in range(0, len(view), 2)]
+    kept = sum(c.kept for c in counts) / len(counts)
+    executed = sum(c.executed for c in counts) / len(counts)
+    assert result["gmacs"]["kept"] == pytest.approx(kept, rel=1e-9)
+    assert result["gmacs"]["executed"] == pytest.approx(executed, rel=1e-9)
+    head = model.backbone.get_classifier()
+    assert isinstance(head, torch.nn.Linear) and kept > 0
+
+
 def _png(path: Path, seed: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb = np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)

@@ -18,6 +18,7 @@ the backbone (timm conventions).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from torchvision.transforms import v2
 
 from spa.data.common import DatasetError, load_rgb
 from spa.data.multilabel import MultiLabelView, multi_hot
-from spa.flops import count_macs
+from spa.flops import counting_macs
 from spa.labels import batch_selection_labels
 from spa.losses import selection_loss
 from spa.models.spt import create_model as create_spt
@@ -98,17 +99,6 @@ class ClassifierConfig:
         d = asdict(self)
         d["model_kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_kwargs.items()}
         return d
-
-
-class _Features(nn.Module):
-    """``forward = backbone.forward_features`` (what :func:`spa.flops.count_macs` counts as the backbone)."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)
 
 
 class SPAClassifier(nn.Module):
@@ -569,21 +559,24 @@ def evaluate_classification(
         iterator = tqdm(loader, desc="eval", dynamic_ncols=True)
     all_logits, all_labels = [], []
     tokens: dict[int, torch.Tensor] = {}
-    macs = {"kept": 0.0, "executed": 0.0}
-    features = _Features(model.backbone)
     seen = 0
-    for images, targets in iterator:
-        images = images.to(device)
-        logits = model(images, targets)
-        for stage, counts in model.token_counts().items():
-            tokens[stage] = tokens.get(stage, torch.zeros(6, dtype=torch.float64)) + counts
-        all_logits.append(logits.float().cpu())
-        all_labels.append(torch.stack([torch.as_tensor(t["label"]) for t in targets]).cpu())
-        if count_gmacs:
-            count = count_macs(features, images)
-            macs["kept"] += count.kept * len(images)
-            macs["executed"] += count.executed * len(images)
-        seen += len(images)
+    # the backbone's MACs (features, not the classifier) are counted by hooks during the model's own forward
+    counting = (
+        counting_macs(model.backbone, count_images=False, exclude=[model.backbone.get_classifier()])
+        if count_gmacs
+        else contextlib.nullcontext()
+    )
+    with counting as tally:
+        for images, targets in iterator:
+            images = images.to(device)
+            logits = model(images, targets)
+            for stage, counts in model.token_counts().items():
+                tokens[stage] = tokens.get(stage, torch.zeros(6, dtype=torch.float64)) + counts
+            all_logits.append(logits.float().cpu())
+            all_labels.append(torch.stack([torch.as_tensor(t["label"]) for t in targets]).cpu())
+            seen += len(images)
+            if tally is not None:
+                tally.images += len(images)
     if seen == 0:
         raise ValueError("the evaluation set is empty")
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
@@ -602,7 +595,8 @@ def evaluate_classification(
     }
     result["keep_mean"] = float(np.mean([v["all"] for v in result["keep"].values()])) if tokens else 1.0
     if count_gmacs:
-        result["gmacs"] = {k: v / seen for k, v in macs.items()}
+        count = tally.result()
+        result["gmacs"] = {"kept": count.kept, "executed": count.executed}
     return result
 
 
