@@ -102,6 +102,108 @@ class _GatherColumns(torch.autograd.Function):
         return table_grad.index_add_(1, index.reshape(-1), flat), None
 
 
+class _RowsMathAttention(torch.autograd.Function):
+    """The ``math`` backend from the rows of ``qkv`` to the rows of the output, with a hand-written backward.
+
+    Rows ``[R, 3 * H * D]`` (in slot order) go straight into head-major slots ``[3, H, K * S, D]`` in one copy
+    (the rows before the first padding slot are the first slots, the rest are placed by index); the output
+    slots go straight back to rows ``[R, H * D]``. Autograd would record the slot scatter, the head split,
+    the unbind and the scale as separate nodes, each with a full-size copy in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, table, index, tail_slots, prefix: int, slots: tuple[int, int], heads: int, scale):
+        """``qkv`` rows ``[R, 3 * heads * D]``; ``table`` ``[heads, E]``; ``index`` ``[K, S, S]`` entry of every
+        pair (``E`` where the pair is masked); rows ``0..prefix-1`` sit in slots ``0..prefix-1``, the others in
+        ``tail_slots``; ``slots`` is ``(K, S)``."""
+        K, S = slots
+        R = qkv.shape[0]
+        D = qkv.shape[1] // (3 * heads)
+        qkv_slots = _rows_to_slots(qkv.view(R, 3 * heads, D), tail_slots, prefix, K * S)
+        q, k, v = (t.view(heads * K, S, D) for t in qkv_slots.view(3, heads * K * S, D).unbind(0))
+        # bias and mask in one gather (masked pairs read the extra -inf column) into a fresh tensor
+        entries = table.shape[1]
+        table = torch.cat(
+            [table.to(qkv.dtype), table.new_full((heads, 1), float("-inf"), dtype=qkv.dtype)], 1
+        )
+        logits = qkv.new_empty(heads * K, S, S)
+        torch.index_select(table, 1, index.reshape(-1), out=logits.view(heads, -1))
+        logits.baddbmm_(q, k.transpose(1, 2), alpha=scale)
+        probs = logits.softmax(-1)  # never a fully masked row: padding rows see themselves
+        out = torch.bmm(probs, v).view(heads, K * S, D)
+        ctx.save_for_backward(qkv_slots, probs, index, tail_slots)
+        ctx.geometry = (prefix, K, S, heads, D, entries, scale)
+        return _slots_to_rows(out, tail_slots, prefix).view(R, heads * D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkv_slots, probs, index, tail_slots = ctx.saved_tensors
+        prefix, K, S, heads, D, entries, scale = ctx.geometry
+        R = grad.shape[0]
+        q, k, v = (t.view(heads * K, S, D) for t in qkv_slots.view(3, heads * K * S, D).unbind(0))
+        grad_out = _rows_to_slots(grad.reshape(R, heads, D), tail_slots, prefix, K * S).view(heads * K, S, D)
+        grad_slots = grad.new_empty(3, heads * K, S, D)
+        grad_q, grad_k, grad_v = grad_slots.unbind(0)
+        torch.bmm(probs.transpose(1, 2), grad_out, out=grad_v)
+        grad_probs = torch.bmm(grad_out, v.transpose(1, 2))
+        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        table_grad = None
+        if ctx.needs_input_grad[1]:
+            flat = grad_logits.view(heads, -1)
+            table_grad = grad.new_zeros(heads, entries + 1).index_add_(1, index.reshape(-1), flat)[
+                :, :entries
+            ]
+        torch.baddbmm(grad_q, grad_logits, k, beta=0, alpha=scale, out=grad_q)
+        torch.baddbmm(grad_k, grad_logits.transpose(1, 2), q, beta=0, alpha=scale, out=grad_k)
+        grad_qkv = _slots_to_rows(grad_slots.view(3 * heads, K * S, D), tail_slots, prefix)
+        return grad_qkv.view(R, 3 * heads * D), table_grad, None, None, None, None, None, None
+
+
+def _rows_to_slots(rows: torch.Tensor, tail_slots: torch.Tensor, prefix: int, num_slots: int) -> torch.Tensor:
+    """Rows ``[R, G, D]`` -> group-major slots ``[G, num_slots, D]`` (zeros in padding slots): rows
+    ``0..prefix-1`` go to the same slots, the others to ``tail_slots``."""
+    out = rows.new_empty(rows.shape[1], num_slots, rows.shape[2])
+    by_group = rows.permute(1, 0, 2)
+    out[:, :prefix].copy_(by_group[:, :prefix])
+    if prefix < num_slots:
+        tail = out[:, prefix:]
+        tail.zero_()
+        tail.index_copy_(1, tail_slots - prefix, by_group[:, prefix:])
+    return out
+
+
+def _slots_to_rows(slots: torch.Tensor, tail_slots: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Group-major slots ``[G, K * S, D]`` -> rows ``[R, G, D]`` (the inverse of ``_rows_to_slots``)."""
+    G, _, D = slots.shape
+    out = slots.new_empty(prefix + tail_slots.shape[0], G, D)
+    out[:prefix].copy_(slots[:, :prefix].permute(1, 0, 2))
+    if tail_slots.numel():
+        out[prefix:].copy_(slots.index_select(1, tail_slots).permute(1, 0, 2))
+    return out
+
+
+def _rows_math(
+    qkv: torch.Tensor, packed: Packed, bias: TableBias | None, pair_mask, heads: int, scale: float
+) -> torch.Tensor:
+    """``math`` attention from ``qkv`` rows ``[R, 3 * heads * D]`` to output rows ``[R, heads * D]``."""
+    allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))
+    if bias is None:  # the mask alone: entry 0 is a zero bias
+        table, index = (
+            qkv.new_zeros(heads, 1),
+            torch.zeros(allowed.shape, dtype=torch.long, device=qkv.device),
+        )
+    else:
+        table, index = bias.table, bias.index
+    index = index.masked_fill(~allowed, table.shape[1])
+    K, S = packed.image.shape
+    if packed.layout == "masked" or packed.num_kept == K * S:
+        prefix, tail = qkv.shape[0], packed.slot_index[:0]  # the rows are the slots
+    else:  # rows in slot order: those before the first padding slot sit in their own slots
+        prefix = int(packed.padding_slots[0])
+        tail = packed.slot_index[prefix:]
+    return _RowsMathAttention.apply(qkv, table, index, tail, prefix, (K, S), heads, scale)
+
+
 PairBias = Callable[[torch.Tensor], "torch.Tensor | TableBias | None"]
 """``position`` ``[K, S]`` -> additive bias ``[K, heads, S, S]`` (or a ``TableBias``) or None (padding
 positions are ``-1``)."""
@@ -323,13 +425,34 @@ class PackedAttention(nn.Module):
         hooks described in the module docstring.
         """
         if x.dim() == 2:
-            qkv = packed.to_slots(self.qkv(x))
+            if x.shape[0] != packed.num_rows:
+                raise ValueError(f"rows must be [R, C] with R = {packed.num_rows}, got {tuple(x.shape)}")
+            qkv = self.qkv(x)
+            if self._rows_math_applies(qkv, packed):
+                bias = _call(pair_bias, packed.position)
+                if bias is None or isinstance(bias, TableBias):
+                    out = _rows_math(qkv, packed, bias, pair_mask, self.num_heads, self.head_dim**-0.5)
+                    return self.proj_drop(self.proj(out))
+            qkv = packed.to_slots(qkv)
             return self.proj_drop(
                 self.proj(packed.from_slots(self._attend(qkv, packed, pair_bias, pair_mask)))
             )
         if x.dim() != 3:
             raise ValueError(f"x must be [R, C] rows or [K, S, C] slots, got {tuple(x.shape)}")
         return self.proj_drop(self.proj(self._attend(self.qkv(x), packed, pair_bias, pair_mask)))
+
+    def _rows_math_applies(self, qkv: torch.Tensor, packed: Packed) -> bool:
+        """Rows go through ``_RowsMathAttention`` (the ``math`` backend without autograd's copies) unless
+        attention dropout or autocast is active or nothing is kept."""
+        backend = self.backend
+        if backend == "auto":
+            backend = "sdpa" if qkv.device.type == "cuda" else "math"
+        return (
+            backend == "math"
+            and packed.num_containers > 0
+            and not (self.training and self.attn_drop.p > 0)
+            and not torch.is_autocast_enabled(qkv.device.type)
+        )
 
     def _attend(
         self, qkv: torch.Tensor, packed: Packed, pair_bias: PairBias | None, pair_mask: PairMask | None

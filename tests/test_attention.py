@@ -5,7 +5,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spa.attention import PackedAttention, TableBias, _flex, allowed_pairs, packed_attention
+from spa.attention import (
+    PackedAttention,
+    TableBias,
+    _flex,
+    _RowsMathAttention,
+    allowed_pairs,
+    packed_attention,
+)
 from spa.packing import pack
 
 HEADS, DIM = 2, 8
@@ -22,13 +29,28 @@ def pair_mask(position):
     return region[:, :, None] == region[:, None, :]
 
 
+TABLE = torch.nn.Parameter(torch.randn(HEADS, 11))
+
+
+def table_bias(position):
+    """A relative-position-style lookup: the entry of a pair is its clipped position offset."""
+    p = position.clamp(min=0)
+    return TableBias(TABLE, (p[:, :, None] - p[:, None, :]).clamp(-5, 5) + 5)
+
+
 def run(module, x, keep, L, layout, order, backend, hooks=True, rows=True, backward=True):
-    """Unpacked attention output ``[B, N, C]`` (0 for unkept) and the gradients of a fixed loss."""
+    """Unpacked attention output ``[B, N, C]`` (0 for unkept) and the gradients of a fixed loss (of ``x``,
+    the module's parameters and, with ``hooks='table'``, the bias table).
+
+    ``hooks``: False (none), True (a dense bias and a pair mask) or ``'table'`` (a ``TableBias`` and the mask).
+    """
     module.backend = backend
     module.zero_grad()
+    TABLE.grad = None
     x = x.detach().requires_grad_(True)
     packed = pack(x, keep, L, layout, order)
-    hook_args = {"pair_bias": pair_bias, "pair_mask": pair_mask} if hooks else {}
+    hook_args = {"pair_bias": table_bias if hooks == "table" else pair_bias, "pair_mask": pair_mask}
+    hook_args = hook_args if hooks else {}
     if rows:
         out = packed.scatter_rows(module(packed.select(x), packed, **hook_args), fill=0.0)
     else:
@@ -37,7 +59,7 @@ def run(module, x, keep, L, layout, order, backend, hooks=True, rows=True, backw
         return out.detach(), [], packed
     weight = torch.linspace(-1, 1, out.numel()).view_as(out)
     (out * weight).sum().backward()
-    tensors = [x, *module.parameters()]
+    tensors = [x, *module.parameters(), TABLE]
     grads = [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in tensors]
     return out.detach(), grads, packed
 
@@ -68,6 +90,49 @@ def test_fast_backends_match_reference_outputs_and_gradients(backend, case, layo
     assert_close_on_kept(fast, ref, keep)
     for a, b in zip(fast_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@given(case=cases(), layout=st.sampled_from(("containers", "padded", "masked", "stream")))
+def test_math_rows_path_with_table_bias_matches_reference(case, layout):
+    """Rows through ``_RowsMathAttention`` (slots placed by a prefix copy and an index, hand-written
+    backward): outputs and gradients of ``x``, the weights and the bias table match the reference."""
+    x, keep, L, order, _ = case
+    module = PackedAttention(DIM, HEADS)
+    fast, fast_grads, _ = run(module, x, keep, L, layout, order, "math", "table")
+    ref, ref_grads, _ = run(module, x, keep, L, layout, order, "reference", "table")
+    assert_close_on_kept(fast, ref, keep)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_math_rows_path_is_taken_and_falls_back_when_it_cannot_apply():
+    """The rows path runs for the math backend (not under dropout or autocast) and agrees with slots input."""
+    x = torch.randn(3, 20, DIM)
+    keep = torch.arange(20) < torch.tensor([7, 9, 4])[:, None]  # chunks of 6: partial ones share with padding
+    module = PackedAttention(DIM, HEADS, backend="math")
+    packed = pack(x, keep, 6, "containers")
+    assert packed.padding_fraction > 0 and int(packed.padding_slots[0]) < packed.num_kept  # padding mid-rows
+    calls = []
+    original = _RowsMathAttention.apply
+    _RowsMathAttention.apply = lambda *args: calls.append(1) or original(*args)
+    try:
+        rows, rows_grads, _ = run(module, x, keep, 6, "containers", None, "math", "table", rows=True)
+        assert len(calls) == 1 and rows_grads[-1].abs().sum() > 0  # the bias table gets a gradient
+        slots, slots_grads, _ = run(module, x, keep, 6, "containers", None, "math", "table", rows=False)
+        assert len(calls) == 1  # [K, S, C] input takes the q/k/v path
+        torch.testing.assert_close(rows, slots, atol=1e-6, rtol=1e-6)
+        for a, b in zip(rows_grads, slots_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        module.attn_drop.p = 0.5
+        module.train()
+        run(module, x, keep, 6, "containers", None, "math", "table", backward=False)
+        assert len(calls) == 1  # attention dropout: the q/k/v path
+        module.attn_drop.p = 0.0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run(module, x, keep, 6, "containers", None, "math", "table", backward=False)
+        assert len(calls) == 1  # autocast: the q/k/v path
+    finally:
+        _RowsMathAttention.apply = original
 
 
 @given(cases())
