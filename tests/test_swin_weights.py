@@ -33,6 +33,29 @@ def _original_layout(state: dict) -> dict:
     return out
 
 
+def _mmdet_layout(original: dict) -> dict:
+    """Original keys -> mmdetection's native Swin checkpoint (what ``mmdet``'s ``swin_converter`` writes:
+    renamed keys, patch-merging channels in ``nn.Unfold`` order, ``backbone.`` prefix, no head), plus the
+    per-output norms and neck weights an mmdetection detector checkpoint also holds."""
+    out = {}
+    for key, value in original.items():
+        if key.startswith(("head", "norm.")):  # mmdetection's model has per-output norms instead
+            continue
+        if key.startswith("layers."):
+            if (
+                ".downsample." in key
+            ):  # neighbour g at channel g * C + c -> channel c * 4 + u, u = [0, 2, 1, 3][g]
+                merged = value.reshape(-1, 4, value.shape[-1] // 4)[:, [0, 2, 1, 3]]
+                value = merged.transpose(1, 2).reshape(value.shape)
+            key = key.replace(".attn.", ".attn.w_msa.").replace(".mlp.fc1.", ".ffn.layers.0.0.")
+            key = key.replace(".mlp.fc2.", ".ffn.layers.1.").replace("layers.", "stages.", 1)
+        key = key.replace("patch_embed.proj.", "patch_embed.projection.")
+        out[f"backbone.{key}"] = value
+    out["backbone.norm3.weight"] = torch.ones(256)
+    out["neck.lateral_convs.0.conv.weight"] = torch.zeros(3)
+    return out
+
+
 def _assert_copied(model: spa.SPT, swin: SwinTransformer, block_map: dict[int, list[int]]) -> None:
     theirs = swin.state_dict()
     for key, value in model.state_dict().items():
@@ -127,3 +150,29 @@ def test_unreadable_sources(tmp_path) -> None:
         spa.load_swin_weights(_spt(), 42)
     with pytest.raises(ValueError, match="no tensors"):
         spa.load_swin_weights(_spt(), {"epoch": 1})
+
+
+def test_mmdetection_native_checkpoint(tmp_path) -> None:
+    """mmdetection's own key names and patch-merging channel order load to the same weights as the original
+    layout (so the same features), with its per-output norm reported as unexpected."""
+    swin = _swin()
+    original = _original_layout(swin.state_dict())
+    assert "layers.0.downsample.reduction.weight" in original  # the test covers patch merging
+    torch.save({"state_dict": _mmdet_layout(original), "meta": {}}, tmp_path / "mmdet_native.pth")
+    from_original = _spt(select="all", depths=(1, 1, 2, 1))
+    spa.load_swin_weights(from_original, original)
+    model = _spt(select="all", depths=(1, 1, 2, 1))
+    result = spa.load_swin_weights(model, tmp_path / "mmdet_native.pth")
+    assert result.unexpected == ["norm3.weight"]
+    gates = {k for k in result.missing if ".gate." in k}
+    assert set(result.missing) - gates == {"norm.weight", "norm.bias", "head.fc.weight", "head.fc.bias"}
+    want = from_original.state_dict()
+    for key, value in model.state_dict().items():
+        if ".gate." not in key and not key.startswith(("norm.", "head.")):
+            assert torch.equal(value, want[key]), key
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        got = model.forward_intermediates(x, intermediates_only=True)
+        expected = swin.forward_intermediates(x, intermediates_only=True)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -2,10 +2,11 @@
 
 Sources: a state dict, a timm ``SwinTransformer`` (or any module with a ``state_dict``), or a path to a
 ``.pth``/``.pt``/``.bin`` (read with ``torch.load(weights_only=True)``) or ``.safetensors`` file. Accepted
-layouts: timm's, the original Microsoft Swin (downsample at the end of a stage, ``head.weight``), nested
-``model``/``state_dict`` entries and ``backbone.``/``module.`` prefixes (mmdetection / DDP checkpoints of
-the original layout). Key conversion is timm's ``checkpoint_filter_fn`` (which also resizes relative
-position bias tables to the model's window, as timm does).
+layouts: timm's, the original Microsoft Swin (downsample at the end of a stage, ``head.weight``),
+mmdetection's own Swin (``stages.*``, ``attn.w_msa``, ``ffn.layers``, unfold-ordered patch merging), nested
+``model``/``state_dict`` entries and ``backbone.``/``module.`` prefixes (detector / DDP checkpoints). Key
+conversion from the original layout is timm's ``checkpoint_filter_fn`` (which also resizes relative position
+bias tables to the model's window, as timm does).
 
 Extra blocks: SPT stages can have more blocks than the Swin checkpoint (SPT-T has 10 stage-3 blocks,
 Swin-T 6). SPT block ``i`` of a stage with ``n_spt`` blocks copies Swin block
@@ -85,6 +86,42 @@ def _read(source) -> dict:
     raise TypeError(f"source must be a state dict, an nn.Module or a path, got {type(source).__name__}")
 
 
+_MMDET_KEYS = (  # mmdetection's own Swin names -> the original Microsoft names, in this order
+    (re.compile(r"^stages\."), "layers."),
+    (re.compile(r"\.attn\.w_msa\."), ".attn."),
+    (re.compile(r"\.ffn\.layers\.0\.0\."), ".mlp.fc1."),
+    (re.compile(r"\.ffn\.layers\.1\."), ".mlp.fc2."),
+    (re.compile(r"^patch_embed\.projection\."), "patch_embed.proj."),
+)
+_UNFOLD_ORDER = [0, 2, 1, 3]  # mmdetection's PatchMerging (nn.Unfold) orders the 2x2 neighbours 0, 2, 1, 3
+
+
+def _from_unfold_order(value: torch.Tensor) -> torch.Tensor:
+    """Undo mmdetection's channel order of a PatchMerging input: channel ``c * 4 + u`` (``u`` the unfold
+    position) back to the original ``g * C + c`` (``g`` the concatenated neighbour, ``u -> g`` by
+    ``_UNFOLD_ORDER``). Works on the reduction weight ``[out, 4C]`` and on the norm's ``[4C]``."""
+    flat = value.reshape(-1, value.shape[-1] // 4, 4).transpose(1, 2)[:, _UNFOLD_ORDER]
+    return flat.reshape(value.shape)
+
+
+def _from_mmdet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mmdetection's native Swin keys (``stages.*``, ``attn.w_msa``, ``ffn.layers``, ``projection``, unfold
+    channel order in ``downsample``) -> the original layout; other layouts are returned unchanged.
+
+    mmdetection's per-output norms (``norm0``..``norm3``) have no place in the model and are reported as
+    unexpected."""
+    if not any(k.startswith("stages.") or ".attn.w_msa." in k for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in _MMDET_KEYS:
+            key = pattern.sub(replacement, key)
+        if re.search(r"\.downsample\.(reduction\.weight|norm\.(weight|bias))$", key):
+            value = _from_unfold_order(value)
+        out[key] = value
+    return out
+
+
 def _unwrap(state: dict) -> dict[str, torch.Tensor]:
     for key in ("model", "state_dict", "model_state", "module"):
         while isinstance(state.get(key), dict):
@@ -133,7 +170,7 @@ def load_swin_weights(model: nn.Module, source, strict_shapes: bool = True) -> L
     target = _target(model)
     if not hasattr(target, "layers") or not hasattr(target, "patch_embed"):
         raise TypeError(f"model must be an SPT (or Swin-like) backbone, got {type(model).__name__}")
-    state = _unwrap(_read(source))
+    state = _from_mmdet(_unwrap(_read(source)))
     own = target.state_dict()
     # check head counts of bias tables before timm resizes them (resizing would hide a width mismatch)
     for key, value in state.items():
