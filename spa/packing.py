@@ -24,7 +24,7 @@ Everything here is pure (no module state) so it can be property-tested.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import accumulate
 
@@ -44,7 +44,8 @@ class Packed:
     share is never computed). All index tensors are ``[K, S]`` long with ``-1`` in padding slots.
 
     Attributes:
-        inputs: the ``[B, N, C]`` tokens that were packed (a reference, not a copy).
+        inputs: the ``[B, N, C]`` tokens that were packed (a reference, not a copy), or None for a plan kept
+            without them (``without_inputs``).
         image: source image of every slot.
         position: index of the slot's token in the visiting sequence (``order``), e.g. its place in window
             order; attention hooks look up coordinates with it.
@@ -59,7 +60,7 @@ class Packed:
         length: chunk length ``L``.
     """
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | None
     image: torch.Tensor
     position: torch.Tensor
     segment: torch.Tensor
@@ -77,7 +78,16 @@ class Packed:
 
         Built on first access: a block that works on rows (``select``) never pays for this copy.
         """
+        if self.inputs is None:
+            raise ValueError(
+                "this plan was kept without its inputs (Packed.without_inputs); use gather(values)"
+            )
         return self.gather(self.inputs)
+
+    def without_inputs(self) -> Packed:
+        """The same plan without the reference to the packed tokens (what a module may keep for inspection
+        after its forward without holding on to the activation)."""
+        return replace(self, inputs=None)
 
     @cached_property
     def padding_slots(self) -> torch.Tensor:

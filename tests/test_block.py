@@ -209,3 +209,22 @@ def test_maps_of_other_sizes_than_built() -> None:
         out, _ = small(x, keep=keep)
         assert small.last_packed.length == 49
         torch.testing.assert_close(out, reference_block(small, x, keep), atol=1e-5, rtol=0)
+
+
+def test_block_keeps_the_plan_but_not_its_input() -> None:
+    """``last_packed`` is for inspection: it must not hold on to the block's input between steps."""
+    import gc
+    import weakref
+
+    block = SPABlock(16, (14, 14), 2, select="topk", keep_ratio=0.5)
+    x = torch.randn(2, 14, 14, 16, requires_grad=True)
+    out, selection = block(x)
+    out.sum().backward()
+    plan = block.last_packed
+    assert plan.inputs is None and plan.num_kept == 2 * 98
+    with pytest.raises(ValueError, match="without its inputs"):
+        _ = plan.tokens
+    alive = weakref.ref(x)
+    del x, out, selection  # the selection's logits lead back to x through autograd
+    gc.collect()
+    assert alive() is None

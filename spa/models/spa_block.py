@@ -201,7 +201,7 @@ class SPABlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self._geometry_cache: dict[tuple, WindowGeometry] = {}
-        self.last_packed: Packed | None = None  # the plan of the latest forward, for inspection and FLOPs
+        self.last_packed: Packed | None = None  # the latest plan (no inputs), for inspection and FLOPs
 
     def geometry(self, height: int, width: int, device: torch.device) -> WindowGeometry:
         """Window geometry of an ``height x width`` map (cached).
@@ -255,7 +255,7 @@ class SPABlock(nn.Module):
         packed = pack(
             tokens, decision.keep, window[0] * window[1], self.layout, geometry.order, check_order=False
         )
-        self.last_packed = packed
+        self.last_packed = packed.without_inputs()  # the plan only: the block does not hold on to x
         scale = self._per_image_drop_path(B, x)  # one stochastic-depth draw per image for the whole block
         out = tokens
         if packed.num_kept:
