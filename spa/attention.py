@@ -75,9 +75,30 @@ class TableBias:
         """The bias with ``-inf`` where ``allowed`` (bool ``[K, S, S]``) is False, in one gather, as head-major
         matrices ``[heads * K, S, S]`` (``dense()`` order transposed) in a fresh tensor that may be updated in
         place (the ``math`` backend accumulates ``q @ k`` into it)."""
-        heads, entries = self.table.shape
-        table = torch.cat([self.table, self.table.new_full((heads, 1), float("-inf"))], 1)
-        return _GatherColumns.apply(table, self.index.masked_fill(~allowed, entries))
+        return _GatherColumns.apply(
+            _with_masked_column(self.table), self.index.masked_fill(~allowed, self.table.shape[1])
+        )
+
+
+def _with_masked_column(table: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[H, E]`` -> ``[H, E + 1]``: entry ``E`` is ``-inf`` (what masked pairs read)."""
+    table = table.to(dtype or table.dtype)
+    return torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], 1)
+
+
+def _gather_columns(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[:, index]`` for ``[H, E]`` x ``[K, S, S]``, as a fresh ``[H * K, S, S]`` tensor."""
+    heads = table.shape[0]
+    K, S, _ = index.shape
+    out = table.new_empty(heads * K, S, S)
+    torch.index_select(table.contiguous(), 1, index.reshape(-1), out=out.view(heads, -1))
+    return out
+
+
+def _scatter_columns(grad: torch.Tensor, index: torch.Tensor, entries: int) -> torch.Tensor:
+    """The gradient of ``_gather_columns`` for its table: ``[H * K, S, S]`` summed into ``[H, entries]``."""
+    flat = grad.reshape(grad.shape[0] // index.shape[0], -1)  # heads, K * S * S
+    return grad.new_zeros(flat.shape[0], entries).index_add_(1, index.reshape(-1), flat)
 
 
 class _GatherColumns(torch.autograd.Function):
@@ -86,20 +107,14 @@ class _GatherColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        heads = table.shape[0]
-        K, S, _ = index.shape
         ctx.save_for_backward(index)
         ctx.entries = table.shape[1]
-        out = table.new_empty(heads * K, S, S)
-        torch.index_select(table.contiguous(), 1, index.reshape(-1), out=out.view(heads, -1))
-        return out
+        return _gather_columns(table, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (index,) = ctx.saved_tensors
-        flat = grad.reshape(grad.shape[0] // index.shape[0], -1)  # heads, K * S * S
-        table_grad = grad.new_zeros(flat.shape[0], ctx.entries)
-        return table_grad.index_add_(1, index.reshape(-1), flat), None
+        return _scatter_columns(grad, index, ctx.entries), None
 
 
 class _RowsMathAttention(torch.autograd.Function):
@@ -123,11 +138,7 @@ class _RowsMathAttention(torch.autograd.Function):
         q, k, v = (t.view(heads * K, S, D) for t in qkv_slots.view(3, heads * K * S, D).unbind(0))
         # bias and mask in one gather (masked pairs read the extra -inf column) into a fresh tensor
         entries = table.shape[1]
-        table = torch.cat(
-            [table.to(qkv.dtype), table.new_full((heads, 1), float("-inf"), dtype=qkv.dtype)], 1
-        )
-        logits = qkv.new_empty(heads * K, S, S)
-        torch.index_select(table, 1, index.reshape(-1), out=logits.view(heads, -1))
+        logits = _gather_columns(_with_masked_column(table, qkv.dtype), index)
         logits.baddbmm_(q, k.transpose(1, 2), alpha=scale)
         probs = logits.softmax(-1)  # never a fully masked row: padding rows see themselves
         out = torch.bmm(probs, v).view(heads, K * S, D)
@@ -148,11 +159,8 @@ class _RowsMathAttention(torch.autograd.Function):
         grad_probs = torch.bmm(grad_out, v.transpose(1, 2))
         grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         table_grad = None
-        if ctx.needs_input_grad[1]:
-            flat = grad_logits.view(heads, -1)
-            table_grad = grad.new_zeros(heads, entries + 1).index_add_(1, index.reshape(-1), flat)[
-                :, :entries
-            ]
+        if ctx.needs_input_grad[1]:  # the masked column's sum (all zeros: probs are 0 there) is dropped
+            table_grad = _scatter_columns(grad_logits, index, entries + 1)[:, :entries]
         torch.baddbmm(grad_q, grad_logits, k, beta=0, alpha=scale, out=grad_q)
         torch.baddbmm(grad_k, grad_logits.transpose(1, 2), q, beta=0, alpha=scale, out=grad_k)
         grad_qkv = _slots_to_rows(grad_slots.view(3 * heads, K * S, D), tail_slots, prefix)
