@@ -96,8 +96,9 @@ def bench_block(
     """Time an SPA block (gate, pack, attention, FFN on kept tokens, unpack) against timm's Swin block.
 
     Returns one record per configuration with ``layout`` (``dense`` for timm), ``keep_ratio``, ``pass``,
-    ``ms`` (median), ``ratio_to_dense``, ``padding_fraction``, ``containers`` and (SPA blocks) the attention
-    ``backend``.
+    ``ms`` (median), ``ratio_to_dense``, ``padding_fraction``, ``containers``, ``kept_fraction`` (tokens
+    actually kept: ``select='topk'`` keeps ``ceil(keep_ratio * H * W)`` per image) and the attention
+    ``backend`` (SPA blocks).
     """
     from timm.models.swin_transformer import SwinTransformerBlock
 
@@ -130,6 +131,7 @@ def bench_block(
                         "keep_ratio": ratio,
                         "pass": pass_name,
                         "padding_fraction": round(packed.padding_fraction, 4),
+                        "kept_fraction": round(packed.num_kept / (batch_size * resolution**2), 4),
                         "containers": packed.num_containers,
                         "backend": backend,
                         "run": _step(block, x, backward, True),
@@ -184,13 +186,14 @@ def environment() -> dict:
 def format_table(records: list[dict]) -> str:
     """Markdown table of ``bench_block`` records."""
     lines = [
-        "| pass | layout | keep ratio | ms (median) | ratio to dense | padding | containers |",
-        "|---|---|---|---|---|---|---|",
+        "| pass | layout | keep ratio | kept | ms (median) | ratio to dense | padding | containers |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r['pass']} | {r['layout']} | {r['keep_ratio']:.2f} | {r['ms']:.1f} | {r['ratio_to_dense']:.3f} "
-            f"| {r.get('padding_fraction', 0.0):.3f} | {r.get('containers', '')} |"
+            f"| {r['pass']} | {r['layout']} | {r['keep_ratio']:.2f} | {r.get('kept_fraction', 1.0):.3f} "
+            f"| {r['ms']:.1f} | {r['ratio_to_dense']:.3f} | {r.get('padding_fraction', 0.0):.3f} "
+            f"| {r.get('containers', '')} |"
         )
     return "\n".join(lines)
 

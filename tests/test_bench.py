@@ -22,7 +22,9 @@ def test_bench_block_records_every_configuration():
             assert 0.0 <= r["padding_fraction"] < 1.0
     full = next(r for r in records if r["layout"] == "containers" and r["keep_ratio"] == 1.0)
     assert full["containers"] == 2 and full["padding_fraction"] == 0.0  # one 7x7 window per image
-    assert "| fwd+bwd | containers | 0.30 |" in format_table(records)
+    part = next(r for r in records if r["layout"] == "containers" and r["keep_ratio"] == 0.3)
+    assert full["kept_fraction"] == 1.0 and part["kept_fraction"] == round(15 / 49, 4)  # ceil(0.3 * 49) each
+    assert "| fwd+bwd | containers | 0.30 | 0.306 |" in format_table(records)
 
 
 def test_cli_writes_json(tmp_path):
