@@ -75,9 +75,12 @@ class TableBias:
         """The bias with ``-inf`` where ``allowed`` (bool ``[K, S, S]``) is False, in one gather, as head-major
         matrices ``[heads * K, S, S]`` (``dense()`` order transposed) in a fresh tensor that may be updated in
         place (the ``math`` backend accumulates ``q @ k`` into it)."""
-        return _GatherColumns.apply(
-            _with_masked_column(self.table), self.index.masked_fill(~allowed, self.table.shape[1])
-        )
+        return _GatherColumns.apply(_with_masked_column(self.table), self.masked_index(allowed))
+
+    def masked_index(self, allowed: torch.Tensor) -> torch.Tensor:
+        """``index`` with entry ``E`` (the ``-inf`` column ``_with_masked_column`` appends) where ``allowed``
+        (bool ``[K, S, S]``) is False."""
+        return self.index.masked_fill(~allowed, self.table.shape[1])
 
 
 def _with_masked_column(table: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -195,21 +198,18 @@ def _rows_math(
 ) -> torch.Tensor:
     """``math`` attention from ``qkv`` rows ``[R, 3 * heads * D]`` to output rows ``[R, heads * D]``."""
     allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))
-    if bias is None:  # the mask alone: entry 0 is a zero bias
-        table, index = (
-            qkv.new_zeros(heads, 1),
-            torch.zeros(allowed.shape, dtype=torch.long, device=qkv.device),
+    if bias is None:  # the mask alone: one zero entry for every pair
+        bias = TableBias(
+            qkv.new_zeros(heads, 1), torch.zeros(allowed.shape, dtype=torch.long, device=qkv.device)
         )
-    else:
-        table, index = bias.table, bias.index
-    index = index.masked_fill(~allowed, table.shape[1])
     K, S = packed.image.shape
     if packed.layout == "masked" or packed.num_kept == K * S:
         prefix, tail = qkv.shape[0], packed.slot_index[:0]  # the rows are the slots
     else:  # rows in slot order: those before the first padding slot sit in their own slots
         prefix = int(packed.padding_slots[0])
         tail = packed.slot_index[prefix:]
-    return _RowsMathAttention.apply(qkv, table, index, tail, prefix, (K, S), heads, scale)
+    index = bias.masked_index(allowed)
+    return _RowsMathAttention.apply(qkv, bias.table, index, tail, prefix, (K, S), heads, scale)
 
 
 PairBias = Callable[[torch.Tensor], "torch.Tensor | TableBias | None"]
@@ -350,6 +350,13 @@ def _reference(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, 
     return out.view(K, S, H, D).transpose(1, 2)
 
 
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``sdpa`` on CUDA, ``math`` elsewhere; other names are returned as they are."""
+    if backend == "auto":
+        return "sdpa" if device.type == "cuda" else "math"
+    return backend
+
+
 _BACKEND_FNS = {"math": _math, "sdpa": _sdpa, "varlen": _varlen, "reference": _reference}
 
 
@@ -377,9 +384,9 @@ def packed_attention(
         )
     if packed.num_containers == 0:
         return q
-    if backend == "auto":
-        backend = "sdpa" if q.device.type == "cuda" else "math"
-    return _BACKEND_FNS[backend](q, k, v, packed, pair_bias, pair_mask, dropout_p, scale)
+    return _BACKEND_FNS[_resolve_backend(backend, q.device)](
+        q, k, v, packed, pair_bias, pair_mask, dropout_p, scale
+    )
 
 
 class PackedAttention(nn.Module):
@@ -433,14 +440,14 @@ class PackedAttention(nn.Module):
         hooks described in the module docstring.
         """
         if x.dim() == 2:
-            if x.shape[0] != packed.num_rows:
-                raise ValueError(f"rows must be [R, C] with R = {packed.num_rows}, got {tuple(x.shape)}")
+            packed.check_rows(x)
             qkv = self.qkv(x)
             if self._rows_math_applies(qkv, packed):
                 bias = _call(pair_bias, packed.position)
                 if bias is None or isinstance(bias, TableBias):
                     out = _rows_math(qkv, packed, bias, pair_mask, self.num_heads, self.head_dim**-0.5)
                     return self.proj_drop(self.proj(out))
+                pair_bias = lambda _position: bias  # noqa: E731  (the dense bias above, not computed again)
             qkv = packed.to_slots(qkv)
             return self.proj_drop(
                 self.proj(packed.from_slots(self._attend(qkv, packed, pair_bias, pair_mask)))
@@ -452,11 +459,8 @@ class PackedAttention(nn.Module):
     def _rows_math_applies(self, qkv: torch.Tensor, packed: Packed) -> bool:
         """Rows go through ``_RowsMathAttention`` (the ``math`` backend without autograd's copies) unless
         attention dropout or autocast is active or nothing is kept."""
-        backend = self.backend
-        if backend == "auto":
-            backend = "sdpa" if qkv.device.type == "cuda" else "math"
         return (
-            backend == "math"
+            _resolve_backend(self.backend, qkv.device) == "math"
             and packed.num_containers > 0
             and not (self.training and self.attn_drop.p > 0)
             and not torch.is_autocast_enabled(qkv.device.type)

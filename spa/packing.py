@@ -127,7 +127,7 @@ class Packed:
 
     def to_slots(self, rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """Lay rows ``[R, ...]`` into the containers: ``[K, S, ...]``, ``fill`` in padding slots."""
-        self._check_rows(rows)
+        self.check_rows(rows)
         K, S = self.image.shape
         if self.layout == "masked" or self.num_kept == K * S:
             return rows.view(K, S, *rows.shape[1:])  # no padding: rows in slot order are the slots
@@ -191,7 +191,7 @@ class Packed:
 
     def _kept_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``[R, D]`` -> the kept tokens' rows ``[T, D]``, aligned with ``source_index``."""
-        self._check_rows(rows)
+        self.check_rows(rows)
         return rows.index_select(0, self.source_index) if self.layout == "masked" else rows
 
     def _flat_tokens(self, tokens: torch.Tensor, name: str, D: int) -> torch.Tensor:
@@ -201,7 +201,8 @@ class Packed:
             raise ValueError(f"{name} must be [B, N, D] = [{B}, {N}, {D}], got {tuple(tokens.shape)}")
         return tokens.reshape(B * N, D)
 
-    def _check_rows(self, rows: torch.Tensor) -> None:
+    def check_rows(self, rows: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``rows`` has one row per computed token (``R = num_rows``)."""
         if rows.dim() < 1 or rows.shape[0] != self.num_rows:
             raise ValueError(f"rows must be [R, ...] with R = {self.num_rows}, got {tuple(rows.shape)}")
 
