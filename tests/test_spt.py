@@ -195,8 +195,9 @@ def test_bad_input_and_options() -> None:
     assert isinstance(model.layers[2], SPAStage)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves for backward while ``fn`` runs (checkpointing saves fewer)."""
+def _saved_bytes(fn) -> tuple[int, object]:
+    """``(bytes of the tensors autograd saves for backward while fn runs, fn's result)``; checkpointing saves
+    fewer."""
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
