@@ -92,8 +92,10 @@ def gumbel_keep(
 def keep_top(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the ``counts[b]`` highest-scoring valid tokens of every image (ties broken by position)."""
     valid = _check_valid(valid, scores)
-    scores = scores.detach().masked_fill(~valid, float("-inf"))
-    order = scores.argsort(dim=1, descending=True, stable=True)
+    order = scores.detach().argsort(dim=1, descending=True, stable=True)
+    # valid tokens first (a valid token scored -inf still outranks every invalid one), score order kept
+    invalid_in_order = (~valid).gather(1, order).to(torch.uint8)
+    order = order.gather(1, invalid_in_order.argsort(dim=1, stable=True))
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     return (ranks < counts.to(ranks.device)[:, None]) & valid
@@ -102,7 +104,9 @@ def keep_top(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | N
 def _ratio_counts(valid: torch.Tensor, ratio: float) -> torch.Tensor:
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {ratio}")
-    return torch.ceil(valid.sum(1).double() * ratio).long()
+    # rounded to 1e-6 first so that a product that is an integer (0.28 * 25 = 7.000000000000001 in floating
+    # point) is not rounded up to the next one
+    return torch.ceil((valid.sum(1).double() * ratio).round(decimals=6)).long()
 
 
 def topk_keep(logits: torch.Tensor, ratio: float, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,14 +125,16 @@ def random_keep(valid: torch.Tensor, ratio: float, generator: torch.Generator | 
 def enforce_min_keep(
     keep: torch.Tensor, logits: torch.Tensor, min_keep: int, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Add the best-scoring tokens to images that keep fewer than ``min_keep`` (at most all valid tokens)."""
+    """Top up images that keep fewer than ``min_keep`` valid tokens with their best-scoring unkept ones (up to
+    ``min_keep``, at most all valid tokens); images that already keep enough are left as they are."""
     if min_keep < 0:
         raise ValueError(f"min_keep must be >= 0, got {min_keep}")
     if min_keep == 0:
         return keep
     valid = _check_valid(valid, logits)
-    counts = valid.sum(1).clamp(max=min_keep)
-    return keep | keep_top(logits, counts, valid)
+    kept = keep & valid
+    missing = (valid.sum(1).clamp(max=min_keep) - kept.sum(1)).clamp(min=0)
+    return keep | keep_top(logits, missing, valid & ~kept)
 
 
 class GateDecision(NamedTuple):

@@ -74,6 +74,34 @@ def test_min_keep_forces_best_tokens_but_never_padding():
         enforce_min_keep(keep, logits, -1)
 
 
+def test_min_keep_only_tops_up_images_that_keep_too_few():
+    logits = torch.tensor([[5.0, 4.0, -1.0, -2.0, -3.0, -4.0], [5.0, 4.0, 3.0, -2.0, -3.0, -4.0]])
+    keep = torch.tensor([[False, False, True, True, True, False], [False, False, False, False, True, False]])
+    out = enforce_min_keep(keep, logits, 2)
+    assert out[0].tolist() == keep[0].tolist()  # already keeps 3 >= 2: unchanged
+    assert out[1].tolist() == [True, False, False, False, True, False]  # one missing: the best unkept one
+    # the random baseline stays random (and keeps its ratio) when the ratio already exceeds min_keep
+    torch.manual_seed(0)
+    gate = TokenGate(8, select="random", keep_ratio=0.25, min_keep=5).eval()
+    decision = gate(torch.randn(64, 100, 8))
+    assert decision.keep.sum(1).tolist() == [25] * 64
+    best = decision.own_logits.argmax(1)
+    assert decision.keep.gather(1, best[:, None]).float().mean() < 0.6
+
+
+def test_fixed_ratio_counts_are_not_rounded_up_by_float_error():
+    # 0.28 * 25 = 7.000000000000001 and 0.07 * 100 = 7.000000000000001 in floating point
+    assert int(topk_keep(torch.randn(1, 25), 0.28).sum()) == 7
+    assert int(random_keep(torch.ones(1, 100, dtype=torch.bool), 0.07).sum()) == 7
+    assert int(topk_keep(torch.randn(1, 196), 0.2).sum()) == 40  # a real fraction still rounds up
+
+
+def test_valid_tokens_scored_minus_inf_outrank_invalid_ones():
+    logits = torch.tensor([[0.0, float("-inf"), float("-inf")]])
+    valid = torch.tensor([[False, True, True]])
+    assert topk_keep(logits, 1.0, valid).tolist() == [[False, True, True]]
+
+
 def test_gate_modes():
     x = torch.randn(3, 20, 8)
     gate = TokenGate(8, select="all").eval()

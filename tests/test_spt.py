@@ -19,6 +19,18 @@ def _nano(**kwargs) -> spa.SPT:
     return spa.create_model("spt_nano", **{**NANO, **kwargs})
 
 
+def test_forward_intermediates_stop_early_returns_the_last_stage_run() -> None:
+    model = _nano().eval()
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, intermediates_only=True)
+        last, maps = model.forward_intermediates(x, indices=[1], stop_early=True)
+        final, _ = model.forward_intermediates(x, indices=[1])
+    assert len(maps) == 1 and torch.equal(maps[0], full[1])
+    assert torch.equal(last.permute(0, 3, 1, 2), full[1])  # stage 2's map, not normed (the norm is stage 4's)
+    torch.testing.assert_close(final, model.forward_features(x))
+
+
 @pytest.mark.parametrize("size", [224, pytest.param(448, marks=pytest.mark.slow)])
 def test_equivalence_with_timm_swin(size: int) -> None:
     swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=size).eval()

@@ -140,7 +140,8 @@ class SPT(nn.Module):
 
     Args:
         img_size: nominal input size; sets the window size rule per stage. Other sizes work (maps that need
-            a smaller window than built for shrink it; larger ones raise in SPA stages).
+            a smaller window than built for shrink it; in larger ones SPA blocks clip the relative offsets to
+            the bias table they were built with, and no equality with timm is promised there).
         patch_size, in_chans, num_classes, global_pool, embed_dim, depths, num_heads, window_size, mlp_ratio,
             qkv_bias, drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate, norm_layer: as timm's
             ``SwinTransformer``.
@@ -405,13 +406,14 @@ class SPT(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take, last = feature_take_indices(len(self.layers), indices)
-        x, maps, _ = self._run(x, take, last if (stop_early or intermediates_only) else None)
+        stop = last if (stop_early or intermediates_only) else len(self.layers) - 1
+        x, maps, _ = self._run(x, take, stop)
         if norm and (self.num_layers - 1) in take:
             maps[-1] = self.norm(maps[-1])
         maps = [m.permute(0, 3, 1, 2).contiguous() for m in maps]
         if intermediates_only:
             return maps
-        if len(self.layers) == self.num_layers:
+        if stop == self.num_layers - 1:  # the final norm is sized for the last stage: only after it ran
             x = self.norm(x)
         return x, maps
 
