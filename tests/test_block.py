@@ -178,10 +178,26 @@ def test_drop_path_is_per_image_and_train_mode_runs() -> None:
     out.sum().backward()
     assert x.grad is not None and block.gate.proj.weight.grad is not None
     changed = (out - x).detach().abs().amax(-1).flatten(1) > 0  # [B, N]
-    # one draw per image for the whole block: every token of an image is updated, or none is
-    assert torch.all(changed.all(1) | (~changed).all(1))
+    # draws per image (never per container): with ffn='all' an image has every token updated (MLP branch on),
+    # only its kept tokens (attention branch alone) or none
+    kept = selection.keep.flatten(1)
+    assert all(
+        changed[b].all() or not changed[b].any() or torch.equal(changed[b], kept[b]) for b in range(len(x))
+    )
     assert changed.all(1).any() and (~changed).all(1).any()
     assert selection.keep.any()
+
+
+def test_drop_path_draws_the_two_branches_independently_as_timm() -> None:
+    """An image is left unchanged only when both branches are dropped: 1/4 of images at rate 0.5 with
+    independent draws (timm's Swin block), 1/2 if one draw scaled both."""
+    torch.manual_seed(0)
+    block = _block((7, 7), 0, drop_path=0.5, select="all").train()
+    x = torch.randn(256, 7, 7, 16)
+    with torch.no_grad():
+        out, _ = block(x)
+    unchanged = ((out - x).abs().amax(-1).flatten(1) == 0).all(1).float().mean().item()
+    assert 0.15 < unchanged < 0.35
 
 
 def test_bad_keep_override() -> None:

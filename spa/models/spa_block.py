@@ -218,11 +218,12 @@ class SPABlock(nn.Module):
         return self._geometry_cache[key]
 
     def _per_image_drop_path(self, batch_size: int, like: torch.Tensor) -> torch.Tensor | None:
-        """Stochastic depth scale per image ``[B]`` (None when inactive)."""
+        """Stochastic depth scales ``[2, B]``: one draw per image for the attention branch, an independent one
+        for the MLP branch, as timm's Swin block (None when inactive)."""
         if not self.training or self.drop_path == 0.0:
             return None
         keep_prob = 1.0 - self.drop_path
-        return like.new_empty(batch_size).bernoulli_(keep_prob).div_(keep_prob)
+        return like.new_empty(2, batch_size).bernoulli_(keep_prob).div_(keep_prob)
 
     def forward(
         self, x: torch.Tensor, previous_logits: torch.Tensor | None = None, keep: torch.Tensor | None = None
@@ -256,13 +257,13 @@ class SPABlock(nn.Module):
             tokens, decision.keep, window[0] * window[1], self.layout, geometry.order, check_order=False
         )
         self.last_packed = packed.without_inputs()  # the plan only: the block does not hold on to x
-        scale = self._per_image_drop_path(B, x)  # one stochastic-depth draw per image for the whole block
+        scale = self._per_image_drop_path(B, x)  # per image, drawn after unpacking (never per container)
         out = tokens
         if packed.num_kept:
             update = self._kept_update(packed, tokens, decision.soft, geometry, scale)
             out = packed.add_rows(tokens, update)
         if self.ffn == "all":
-            out = self._ffn_on_unkept(out, decision.keep, scale)
+            out = self._ffn_on_unkept(out, decision.keep, None if scale is None else scale[1])
         selection = Selection(
             own_logits=decision.own_logits.view(B, H, W),
             fused_logits=decision.fused_logits.view(B, H, W),
@@ -299,13 +300,13 @@ class SPABlock(nn.Module):
         update = self.attn(self.norm1(rows), packed, pair_bias=pair_bias, pair_mask=pair_mask)
         if soft is not None:
             update = update * packed.select(soft)[:, None]
-        if scale is not None:
+        if scale is not None:  # [2, B]: attention branch, MLP branch
             if packed.layout == "masked":
-                row_scale = scale.repeat_interleave(packed.num_tokens)[:, None]
+                row_scale = scale.repeat_interleave(packed.num_tokens, dim=1)[:, :, None]
             else:
-                row_scale = scale[packed.source_index // packed.num_tokens][:, None]
-            update = update * row_scale
-            return update + self.mlp(self.norm2(rows + update)) * row_scale
+                row_scale = scale[:, packed.source_index // packed.num_tokens][:, :, None]
+            update = update * row_scale[0]
+            return update + self.mlp(self.norm2(rows + update)) * row_scale[1]
         return update + self.mlp(self.norm2(rows + update))
 
     def _ffn_on_unkept(
