@@ -12,7 +12,9 @@ Backends:
                    SDPA falls back to its math kernel, which adds a scale pass on ``q``/``k``, a safe-softmax
                    check and a masked-fill backward (``spa bench block`` measures the block).
     ``sdpa``       one ``F.scaled_dot_product_attention`` call over all containers with a mask.
-    ``varlen``     FlexAttention on CUDA (block-sparse kernel with the same mask and bias).
+    ``varlen``     FlexAttention on CUDA with the same mask and bias. Called eagerly, PyTorch runs its unfused
+                   implementation (the full score matrix); the block-sparse kernel needs the caller to
+                   ``torch.compile`` the model (kept out of this library's tests: no GPU in CI).
     ``reference``  explicit loops over images and chunks, written from the spec, for tests.
 """
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from spa.packing import Packed
 
@@ -65,6 +68,15 @@ class TableBias:
             raise TypeError(f"index must be a long tensor, got {getattr(index, 'dtype', type(index))}")
         if index.dim() != 3 or index.shape[1] != index.shape[2]:
             raise ValueError(f"index must be [K, S, S], got {tuple(index.shape)}")
+        # the math backend reads entry E as -inf (masked), so an index one past the end would silently mask a
+        # pair there: checked on CPU (on CUDA the check would cost a device sync per call)
+        if index.numel() and index.device.type == "cpu":
+            low, high = torch.aminmax(index)
+            if low < 0 or high >= self.table.shape[1]:
+                raise ValueError(
+                    f"index entries must be in [0, {self.table.shape[1]}) (the table's entries), "
+                    f"got {int(low)}..{int(high)}"
+                )
 
     def dense(self) -> torch.Tensor:
         """The bias ``[K, heads, S, S]`` (a head-major view: its ``transpose(0, 1)`` is contiguous)."""
@@ -150,6 +162,7 @@ class _RowsMathAttention(torch.autograd.Function):
         return _slots_to_rows(out, tail_slots, prefix).view(R, heads * D)
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable: say so instead of failing
     def backward(ctx, grad):
         qkv_slots, probs, index, tail_slots = ctx.saved_tensors
         prefix, K, S, heads, D, entries, scale = ctx.geometry
@@ -249,7 +262,7 @@ def _math(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale
     if not from_table:
         additive = q.new_zeros(K, 1, S, S).masked_fill_(~allowed[:, None], float("-inf"))
         # a plain add (not masked_fill) on the bias: its backward passes the gradient through untouched
-        additive = additive.expand(K, H, S, S) if bias is None else bias + additive
+        additive = (additive if bias is None else bias + additive).expand(K, H, S, S)  # a bias may broadcast
     # batch the (container, head) matrices in the memory order of the bias (head-major for a TableBias or when
     # the hook returns a transposed view), so that the bias is never copied, forward or backward
     head_major = from_table or additive.transpose(0, 1).is_contiguous()

@@ -297,7 +297,7 @@ def pack(
     batch_idx, seq_pos = seq_keep.nonzero(as_tuple=True)  # row-major: image by image, in visiting order
     token_idx = seq_pos if order is None else order[seq_pos]
     total = batch_idx.numel()
-    starts = list(accumulate([0, *counts[:-1]]))
+    starts = list(accumulate(counts, initial=0))[:-1]
     slots = length
     # per image: [first row, rank where its partial chunk starts, slot offset of full-chunk ranks, of the rest]
     # so that a token's flat slot is ``rank + offset`` (one gather and a where, not one op per field)

@@ -303,3 +303,34 @@ def test_table_bias_checks_its_fields():
         TableBias(torch.zeros(2, 3), torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="index must be"):
         TableBias(torch.zeros(2, 3), torch.zeros(1, 2, 3, dtype=torch.long))
+    # entry E is what the math backend reads as -inf: one past the end must not silently mask a pair
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=r"index entries must be in \[0, 3\)"):
+            TableBias(torch.zeros(2, 3), torch.full((1, 2, 2), bad, dtype=torch.long))
+
+
+def test_rows_path_refuses_double_backward_with_a_clear_error():
+    module = PackedAttention(DIM, HEADS)
+    x = torch.randn(2, 6, DIM, requires_grad=True)
+    packed = pack(x, torch.ones(2, 6, dtype=torch.bool), 4)
+    out = module(packed.select(x), packed, pair_bias=table_bias)
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_a_dense_bias_broadcast_over_heads_works_in_every_backend():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, HEADS, 4, 3) for _ in range(3))
+    packed = pack(torch.zeros(1, 8, 1), torch.ones(1, 8, dtype=torch.bool), 4)
+
+    def one_head(position):  # [K, 1, S, S]
+        return pair_bias(position)[:, :1]
+
+    def every_head(position):
+        return one_head(position).expand(-1, HEADS, -1, -1)
+
+    expected = packed_attention(q, k, v, packed, every_head, backend="reference")
+    for backend in ("math", "sdpa", "reference"):
+        got = packed_attention(q, k, v, packed, one_head, backend=backend)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -141,6 +141,14 @@ def test_empty_selection_gives_zero_containers():
         assert torch.equal(packed.unpack(packed.tokens, fill=x), x)
 
 
+def test_empty_batch_packs_to_an_empty_plan():
+    x, keep = torch.randn(0, 10, 4), torch.zeros(0, 10, dtype=torch.bool)
+    for layout in ("containers", "stream", "padded", "masked"):
+        packed = pack(x, keep, 4, layout)
+        assert packed.num_kept == 0 and packed.select(x).shape == (0, 4)
+        assert packed.unpack(packed.tokens, fill=0.0).shape == (0, 10, 4)
+
+
 def test_pack_unpack_is_differentiable():
     x = torch.randn(3, 12, 4, dtype=torch.double, requires_grad=True)
     keep = torch.rand(3, 12) < 0.5
