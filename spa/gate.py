@@ -82,11 +82,13 @@ def gumbel_keep(
     _check_logits(logits)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    # noise and decision in at least float32: bf16 / fp16 uniforms are too coarse for logistic noise
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=dtype)
     u = u.clamp(1e-6, 1 - 1e-6)
     noise = torch.log(u) - torch.log1p(-u)
-    y = torch.sigmoid((logits + noise) / temperature)
-    return (y > threshold) & _check_valid(valid, logits), y
+    y = torch.sigmoid((logits.to(dtype) + noise) / temperature)
+    return (y > threshold) & _check_valid(valid, logits), y.to(logits.dtype)
 
 
 def keep_top(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,6 +43,11 @@ def test_gumbel_keep_rate_matches_the_logistic_noise_model():
         expected = torch.sigmoid(torch.tensor(s - temperature * math.log(0.3 / 0.7))).item()
         assert keep.float().mean().item() == pytest.approx(expected, abs=0.01)
         assert torch.equal(keep, y > 0.3)
+    # half-precision logits: noise drawn in float32 (bf16 uniforms have 8 bits and miss the tails: a keep
+    # rate 22% low at s = -5), same keep rate as float32
+    keep, y = gumbel_keep(torch.full((1, 400000), -5.0, dtype=torch.bfloat16), 0.3, 1.0, generator=g)
+    expected = torch.sigmoid(torch.tensor(-5.0 - math.log(0.3 / 0.7))).item()
+    assert keep.float().mean().item() == pytest.approx(expected, rel=0.08) and y.dtype == torch.bfloat16
     assert gumbel_keep(torch.full((1, 100), 30.0), 0.3)[0].all()
     assert not gumbel_keep(torch.full((1, 100), -30.0), 0.3)[0].any()
 
