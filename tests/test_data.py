@@ -21,6 +21,7 @@ from spa.data import (
     pad_images,
 )
 from spa.labels import batch_selection_labels, box_grid
+from spa.tasks.evaluation import coco_ground_truth, coco_metrics
 
 
 def _write_image(path: Path, size=(40, 60), mode="RGB") -> None:
@@ -103,6 +104,37 @@ def test_coco_rle_masks_compressed_and_uncompressed(tmp_path):
     assert torch.equal(t["masks"][0], torch.from_numpy(m)) and torch.equal(t["masks"][1], torch.from_numpy(m))
 
 
+def test_compressed_rle_runs_match_pycocotools():
+    from spa.data.coco import _compressed_rle_counts
+
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (7, 5), (40, 60), (300, 7)):
+        for density in (0.0, 0.02, 0.5, 1.0):
+            m = (rng.random(shape) < density).astype(np.uint8)
+            flat = m.flatten(order="F")
+            change = np.flatnonzero(np.diff(flat)) + 1
+            runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+            runs = runs if flat[0] == 0 else [0, *runs]
+            counts = mask_utils.encode(np.asfortranarray(m))["counts"].decode("ascii")
+            assert _compressed_rle_counts(counts) == runs
+
+
+def test_coco_evaluation_fills_optional_annotation_fields(tmp_path):
+    """Annotations without iscrowd / area / id (or with id 0) load, and evaluate like complete ones."""
+    anns = [
+        {"image_id": 1, "category_id": 3, "bbox": [10, 5, 20, 10]},
+        {"id": 0, "image_id": 1, "category_id": 7, "bbox": [40, 20, 10, 10]},
+    ]
+    ann_file, _ = _coco(tmp_path, anns)
+    gt, label_to_cat = coco_ground_truth(CocoDetection(tmp_path, ann_file))
+    assert sorted(gt.getAnnIds()) == [1, 2]  # fresh ids, none of them 0
+    results = [
+        {"image_id": 1, "category_id": 3, "bbox": [10, 5, 20, 10], "score": 0.9},
+        {"image_id": 1, "category_id": 7, "bbox": [40, 20, 10, 10], "score": 0.8},
+    ]
+    assert coco_metrics(gt, results)["AP50"] == pytest.approx(1.0)
+
+
 def test_coco_crowd_excluded_by_default_and_marked_when_included(tmp_path):
     anns = [_ann(1), _ann(2, bbox=(0, 0, 50, 30), iscrowd=1)]
     ann_file, _ = _coco(tmp_path, anns)
@@ -168,6 +200,22 @@ def test_degenerate_boxes_dropped_with_warning_and_count(tmp_path):
         (
             lambda d: d["annotations"].append(_ann(9, segmentation={"size": [1, 1], "counts": "x"})),
             "RLE size",
+        ),
+        (  # runs that cover 110 of the 2400 pixels: pycocotools would decode uninitialised memory
+            lambda d: d["annotations"].append(_ann(9, segmentation={"size": [40, 60], "counts": [100, 10]})),
+            r"\(id 9\): RLE runs must be >= 0 and cover the 40x60 image",
+        ),
+        (
+            lambda d: d["annotations"].append(_ann(9, segmentation={"size": [40, 60], "counts": "PP1"})),
+            r"\(id 9\): RLE runs must be >= 0 and cover",
+        ),
+        (
+            lambda d: d["annotations"].append(_ann(9, segmentation={"size": [4, 6], "counts": [24]})),
+            r"\(id 9\): RLE size \[4, 6\] differs",
+        ),
+        (
+            lambda d: d["annotations"].append(_ann(1, bbox=(1, 2, 3, 4))),
+            r"\(id 1\): duplicate annotation id 1",
         ),
     ],
 )
@@ -259,6 +307,20 @@ def test_voc_boxes_labels_and_difficult(tmp_path):
     assert box_grid(t["boxes"], (40, 60), 16).sum() == 8
 
 
+def test_voc_evaluation_ignores_difficult_objects(tmp_path):
+    """A detection of a difficult object is neither a hit nor a false positive (VOC's rule)."""
+    root = _voc(tmp_path, _obj("dog", (2, 2, 20, 20)) + _obj("dog", (32, 12, 60, 40), difficult=1))
+    ds = VOCDetection(root, "train")  # difficult objects out of the targets (the default)
+    gt, _ = coco_ground_truth(ds)
+    dog = 1 + ds.class_names.index("dog")
+    results = [
+        {"image_id": 0, "category_id": dog, "bbox": [31, 11, 29, 29], "score": 0.9},  # the difficult one
+        {"image_id": 0, "category_id": dog, "bbox": [1, 1, 19, 19], "score": 0.8},
+    ]
+    assert coco_metrics(gt, results)["AP50"] == pytest.approx(1.0)
+    assert not ds.include_difficult and ds[0][1]["boxes"].shape == (1, 4)  # the dataset itself unchanged
+
+
 def test_voc_bad_input(tmp_path):
     root = _voc(tmp_path, _obj("unicorn", (1, 1, 10, 10)))
     with pytest.raises(DatasetError, match=r"x1\.xml: object 0: unknown class name 'unicorn'"):
@@ -274,3 +336,12 @@ def test_voc_bad_input(tmp_path):
         VOCDetection(root, "train", bad_boxes="error")[0]
     with pytest.raises(FileNotFoundError, match=r"val\.txt"):
         VOCDetection(root, "val")
+    (root / "Annotations" / "x1.xml").write_text(
+        f"<annotation>{_obj('dog', (1, 1, 10, 10), difficult='yes')}</annotation>"
+    )
+    with pytest.raises(DatasetError, match=r"x1\.xml: object 0: <difficult> must be 0 or 1, got 'yes'"):
+        VOCDetection(root, "train")[0]
+    (root / "Annotations" / "x1.xml").write_text(
+        f"<annotation>{_obj('dog', (1, 1, 10, 10), difficult='1.0')}</annotation>"
+    )
+    assert VOCDetection(root, "train", include_difficult=True)[0][1]["iscrowd"].tolist() == [1]

@@ -98,6 +98,26 @@ def test_ensure_builtin_reuses(tmp_path):
     assert len(CocoDetection(out / "train", out / "train" / "annotations.json")) == 3
 
 
+def test_an_interrupted_regeneration_is_not_reused(tmp_path, monkeypatch):
+    import spa.data.builtin as builtin
+
+    out = ensure_builtin(tmp_path / "e", images=2, val_images=1, size=64)  # set A
+    real = builtin._make_split
+
+    def interrupted(out, split, *args):
+        if split == "val":
+            raise KeyboardInterrupt
+        return real(out, split, *args)
+
+    monkeypatch.setattr(builtin, "_make_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_builtin(out, images=3, val_images=1, size=64)  # train rewritten with 3 images, then stopped
+    monkeypatch.setattr(builtin, "_make_split", real)
+    assert not (out / "meta.json").exists()
+    ensure_builtin(out, images=2, val_images=1, size=64)  # set A again: regenerated, not trusted
+    assert len(CocoDetection(out / "train", out / "train" / "annotations.json")) == 2
+
+
 def test_default_set_is_fast(tmp_path):
     t0 = time.perf_counter()
     make_builtin(tmp_path / "d", images=64, val_images=0)  # the default 256 px

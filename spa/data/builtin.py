@@ -344,6 +344,8 @@ def make_builtin(
     cfg = BuiltinConfig(images, val_images, size, coverage, seed, clutter)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # written last: an interrupted run leaves no meta.json, so ensure_builtin never trusts a half-written set
+    (out / "meta.json").unlink(missing_ok=True)
     stats = {
         split: _make_split(out, split, k, n, cfg)
         for k, (split, n) in enumerate((("train", images), ("val", val_images)))

@@ -65,6 +65,41 @@ def _need(entry: dict, keys: tuple[str, ...], where: str) -> None:
         raise DatasetError(f"{where}: missing field(s) {missing}")
 
 
+def _compressed_rle_counts(counts: str) -> list[int]:
+    """Run lengths of a compressed COCO RLE string (the format pycocotools writes: each run in 5-bit groups
+    stored as ``chr(48 + group)``, bit 0x20 = more groups follow, bit 0x10 of the last group = negative; from
+    the fourth run on, a run is stored as its difference to the run two places before).
+
+    Written here because pycocotools decodes a string whose runs do not cover the image into uninitialised
+    memory without an error; the runs are needed to check that they do.
+    """
+    runs: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(counts):
+                raise ValueError("truncated RLE string")
+            group = ord(counts[pos]) - 48
+            if not 0 <= group < 64:
+                raise ValueError(f"invalid character {counts[pos]!r} in RLE string")
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            pos, shift = pos + 1, shift + 5
+            if not more and group & 0x10:
+                value -= 1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+    return runs
+
+
+def _check_runs(runs: list[int], h: int, w: int, where: str) -> None:
+    if any(r < 0 for r in runs) or sum(runs) != h * w:
+        raise DatasetError(
+            f"{where}: RLE runs must be >= 0 and cover the {h}x{w} image ({h * w} pixels), "
+            f"got {len(runs)} runs summing to {sum(runs)}"
+        )
+
+
 def _segm_to_mask(segm: Any, h: int, w: int, where: str) -> np.ndarray | None:
     """Polygons, uncompressed or compressed RLE -> ``[H, W]`` uint8 (``None`` when there is none)."""
     if segm is None or (isinstance(segm, list) and len(segm) == 0):
@@ -75,14 +110,17 @@ def _segm_to_mask(segm: Any, h: int, w: int, where: str) -> np.ndarray | None:
             if not polys:
                 return None
             rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-            rle = mask_utils.frPyObjects(segm, h, w)
         elif isinstance(segm, dict):
-            rle = dict(segm)
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode("ascii")
-            if tuple(rle["size"]) != (h, w):
-                raise DatasetError(f"{where}: RLE size {rle['size']} differs from the image's {[h, w]}")
+            if tuple(segm["size"]) != (h, w):
+                raise DatasetError(f"{where}: RLE size {segm['size']} differs from the image's {[h, w]}")
+            counts = segm["counts"]
+            if isinstance(counts, list):
+                _check_runs([int(c) for c in counts], h, w, where)
+                rle = mask_utils.frPyObjects(segm, h, w)
+            else:
+                counts = counts.decode("ascii") if isinstance(counts, bytes) else counts
+                _check_runs(_compressed_rle_counts(counts), h, w, where)
+                rle = {"size": [h, w], "counts": counts.encode("ascii")}
         else:
             raise DatasetError(f"{where}: unsupported segmentation of type {type(segm).__name__}")
         with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation notice
@@ -151,11 +189,16 @@ class CocoDetection(torch.utils.data.Dataset):
             self.images[int(im["id"])] = im
 
         self.anns: dict[int, list[dict]] = {i: [] for i in self.images}
+        ann_ids: set[int] = set()
         self.stats = {"annotations": 0, "dropped_degenerate": 0, "clipped": 0, "crowd": 0}
         dropped: list[str] = []
         for i, a in enumerate(self.dataset["annotations"]):
             where = f"{src}: annotations[{i}] (id {a.get('id') if isinstance(a, dict) else '?'})"
             _need(a, ("image_id", "category_id", "bbox"), where)
+            if "id" in a:  # pycocotools indexes annotations by id: a duplicate would replace the first
+                if int(a["id"]) in ann_ids:
+                    raise DatasetError(f"{where}: duplicate annotation id {a['id']}")
+                ann_ids.add(int(a["id"]))
             if int(a["image_id"]) not in self.images:
                 raise DatasetError(f"{where}: unknown image_id {a['image_id']}")
             if int(a["category_id"]) not in self.cat_id_to_label:
@@ -203,13 +246,27 @@ class CocoDetection(torch.utils.data.Dataset):
 
     @property
     def coco(self):
-        """The annotations as a ``pycocotools.coco.COCO`` object (for evaluation)."""
+        """The annotations as a ``pycocotools.coco.COCO`` object (for evaluation).
+
+        Optional fields pycocotools' evaluation needs get the defaults the loader uses: ``iscrowd`` 0,
+        ``area`` the box area; an annotation without an id, or with id 0 (COCOeval reads id 0 as "not
+        matched"), gets a fresh one above the file's largest.
+        """
         if self._coco is None:
             from pycocotools.coco import COCO
 
+            given = [int(a["id"]) for a in self.dataset["annotations"] if "id" in a]
+            fresh = iter(range(max(given, default=0) + 1, 2**62))
+            annotations = []
+            for a in self.dataset["annotations"]:
+                _, _, bw, bh = (float(v) for v in a["bbox"])
+                ann = {"iscrowd": 0, "area": max(bw, 0.0) * max(bh, 0.0), **a}
+                if int(ann.get("id", 0)) <= 0:
+                    ann["id"] = next(fresh)
+                annotations.append(ann)
             with contextlib.redirect_stdout(io.StringIO()):
                 coco = COCO()
-                coco.dataset = self.dataset
+                coco.dataset = {**self.dataset, "annotations": annotations}
                 coco.createIndex()
             self._coco = coco
         return self._coco

@@ -108,7 +108,11 @@ class VOCDetection(torch.utils.data.Dataset):
                     raise DatasetError(f"{owhere}: degenerate or outside box {[x1 + 1, y1 + 1, x2, y2]}")
                 dropped.append(f"object {k}")
                 continue
-            difficult = int(obj.findtext("difficult", default="0").strip() or 0)
+            flag = obj.findtext("difficult", default="0").strip() or "0"
+            try:
+                difficult = int(float(flag))
+            except ValueError as e:
+                raise DatasetError(f"{owhere}: <difficult> must be 0 or 1, got {flag!r}") from e
             objs.append(([x1, y1, x2, y2], 1 + self.class_names.index(name), difficult))
         warn_dropped(where, "dropped degenerate boxes", dropped)
         self._parsed[index] = (file_name, size, objs)

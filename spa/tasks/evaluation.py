@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import math
 from collections.abc import Sequence
@@ -48,10 +49,19 @@ def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str = "bbox") -> d
 
 def coco_ground_truth(dataset: Any) -> tuple[Any, dict[int, int]]:
     """``(pycocotools COCO, label -> category id)`` of a dataset: its own ``coco`` when it has one (COCO json,
-    built-in set), else one built from its untransformed targets (e.g. Pascal VOC; labels are the ids)."""
+    built-in set), else one built from its untransformed targets (e.g. Pascal VOC; labels are the ids).
+
+    A dataset that leaves VOC ``difficult`` objects out of its targets is read with them included (as
+    ``iscrowd=1``), so that detections of difficult objects are ignored, as VOC evaluation does, instead of
+    counted as false positives.
+    """
     if hasattr(dataset, "coco") and hasattr(dataset, "label_to_cat_id"):
         return dataset.coco, dataset.label_to_cat_id
     from pycocotools.coco import COCO
+
+    if getattr(dataset, "include_difficult", True) is False:
+        dataset = copy.copy(dataset)
+        dataset.include_difficult = True
 
     images, annotations = [], []
     for index in range(len(dataset)):
