@@ -126,7 +126,7 @@ def test_coco_evaluation_fills_optional_annotation_fields(tmp_path):
         {"id": 0, "image_id": 1, "category_id": 7, "bbox": [40, 20, 10, 10]},
     ]
     ann_file, _ = _coco(tmp_path, anns)
-    gt, label_to_cat = coco_ground_truth(CocoDetection(tmp_path, ann_file))
+    gt, _ = coco_ground_truth(CocoDetection(tmp_path, ann_file))
     assert sorted(gt.getAnnIds()) == [1, 2]  # fresh ids, none of them 0
     results = [
         {"image_id": 1, "category_id": 3, "bbox": [10, 5, 20, 10], "score": 0.9},
