@@ -155,6 +155,17 @@ def test_grayscale_and_rgba_become_rgb(tmp_path, mode):
         assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
 
 
+def test_16_bit_images_keep_their_brightness(tmp_path):
+    """Scaled by the 16-bit full scale (65535, as torchvision), not by each image's own maximum."""
+    from spa.data.common import load_rgb
+
+    for value, expected in ((32768, 128), (1000, 4)):
+        path = tmp_path / f"{value}.png"
+        Image.fromarray(np.full((4, 5), value, dtype=np.uint16)).save(path)
+        image = load_rgb(path, "test")
+        assert image.shape == (3, 4, 5) and torch.all(image == expected / 255.0)
+
+
 def test_degenerate_boxes_dropped_with_warning_and_count(tmp_path):
     anns = [
         _ann(1),

@@ -36,9 +36,9 @@ def load_rgb(path: Path, context: str, expect_size: tuple[int, int] | None = Non
                 bg = Image.new("RGB", im.size, (0, 0, 0))
                 bg.paste(im, mask=im.getchannel("A"))
                 im = bg
-            elif im.mode.startswith("I;16") or im.mode == "I":
+            elif im.mode.startswith("I;16") or im.mode == "I":  # 16-bit: full scale is 65535 (as torchvision)
                 arr = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray(np.clip(arr / max(arr.max(), 1.0) * 255, 0, 255).astype(np.uint8))
+                im = Image.fromarray(np.clip(np.round(arr / 65535.0 * 255), 0, 255).astype(np.uint8))
             rgb = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"{path}: unreadable image ({context}): {e}") from e
