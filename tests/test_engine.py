@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +115,53 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
     assert state["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_finite_loss_with_non_finite_gradients_stops_before_the_step(tmp_path):
+    class NanGradient(Toy):
+        def forward(self, x, y):
+            losses = super().forward(x, y)
+            if self.calls == 5:  # adds 0 to the loss, but d/dx sqrt(x) at 0 is inf: the gradient is NaN
+                losses["loss_mse"] = losses["loss_mse"] + (self.net[0].weight * 0).abs().sqrt().sum()
+            return losses
+
+    trainer = make(tmp_path, "a", model=NanGradient())
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient norm at step 5") as err:
+        trainer.train()
+    assert "left untouched" in str(err.value)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # no step was taken
+    state = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_resume_with_other_batches_is_refused_instead_of_looping(tmp_path):
+    make(tmp_path, "a", max_steps=4).train()  # 7 batches of 3 per epoch: saved at batch 4
+    checkpoint = tmp_path / "a" / "checkpoints" / "last.pt"
+    for overrides, match in (({"batch_size": 5}, "batch_size 3 .checkpoint. vs 5"), ({"seed": 1}, "seed 0")):
+        other = make(tmp_path, "b", **overrides)
+        with pytest.raises(CheckpointError, match=match):
+            other.resume(checkpoint)
+
+
+def test_resume_drops_a_half_written_log_line(tmp_path):
+    make(tmp_path, "a", max_steps=3).train()
+    with (tmp_path / "a" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "epoch": 0, "lr": 0.0')  # the process died while writing
+    resumed = make(tmp_path, "a", max_steps=5)
+    resumed.train(resume=tmp_path / "a" / "checkpoints" / "last.pt")
+    assert sorted(losses(tmp_path / "a")) == [1, 2, 3, 4, 5]
+
+
+def test_two_process_resume_restores_every_ranks_random_state(tmp_path):
+    """Under DDP each rank draws its own dropout noise; a resumed run must give each rank back its own
+    state (not rank 0's), so that it ends with the uninterrupted run's weights."""
+    script = Path(__file__).parent / "scripts" / "ddp_resume.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, str(script), str(tmp_path)], check=True, env=env, timeout=300, capture_output=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(r["diff"] <= 1e-6 for r in ranks)
+    assert ranks[0]["draw"] != ranks[1]["draw"]  # the ranks' streams stayed different
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

@@ -88,6 +88,20 @@ def epoch_batches(
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` line (None for a half-written or foreign line)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class _SeededItems(Dataset):
     """``dataset[index]`` under RNG seeded from ``(seed, epoch, index)``: augmentation is reproducible."""
 
@@ -209,7 +223,25 @@ class Trainer:
         self._writer = None
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def data_plan(self) -> dict[str, int]:
+        """What fixes the order and sharding of the batches; a resumed run must match it."""
+        return {
+            "num_items": len(self.dataset),
+            "batch_size": self.config.batch_size,
+            "seed": self.config.seed,
+            "world_size": self.dist.world_size,
+        }
+
+    def _rng_per_rank(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states (a collective under DDP: every rank must call it)."""
+        state = capture_rng()
+        if not self.dist.distributed:
+            return [state]
+        states: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def state(self, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -217,20 +249,23 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "next_batch": self.next_batch,
-            "rng": capture_rng(),
+            "rng": capture_rng(),  # this process's
+            "rng_per_rank": rng_per_rank or [capture_rng()],
+            "data_plan": self.data_plan(),
             "config": asdict(self.config),
             "meta": self.meta,
             "extra": self.extra,
         }
 
     def save(self, name: str = "last.pt") -> Path | None:
-        """Write a checkpoint (main process only)."""
+        """Write a checkpoint. Every rank calls it (each rank's RNG states are gathered); rank 0 writes."""
+        rng_per_rank = self._rng_per_rank()
         if not self.dist.is_main:
             return None
-        return save_checkpoint(self.checkpoint_dir / name, self.state())
+        return save_checkpoint(self.checkpoint_dir / name, self.state(rng_per_rank))
 
     def resume(self, path: str | Path) -> None:
-        """Continue exactly from a checkpoint of this model and configuration."""
+        """Continue exactly from a checkpoint of this model, configuration and data plan."""
         state = load_checkpoint(path)
         if state.get("meta") != self.meta:
             theirs, ours = state.get("meta") or {}, self.meta
@@ -239,11 +274,26 @@ class Trainer:
                 f"{path} was written for another model or configuration (differs in {diff}: "
                 f"checkpoint {[theirs.get(k) for k in diff]} vs this run {[ours.get(k) for k in diff]})"
             )
+        config = state.get("config") or {}
+        plan = state.get("data_plan") or {k: config.get(k) for k in ("batch_size", "seed")}  # older files
+        ours = self.data_plan()
+        diff = [f"{k} {plan[k]} (checkpoint) vs {ours[k]} (this run)" for k in plan if plan[k] != ours[k]]
+        if diff or not 0 <= state["next_batch"] < self.batches_per_epoch:
+            raise CheckpointError(
+                f"{path}: this run's batches differ from the checkpoint's ({'; '.join(diff) or 'data position'}): "
+                "an exact resume needs the same training set, batch size, seed and number of processes"
+            )
         load_model_state(self.model, state["model"], source=str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.next_batch = state["step"], state["epoch"], state["next_batch"]
-        restore_rng(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            restore_rng(per_rank[self.dist.rank])
+        else:  # a checkpoint without every rank's states: rank 0's, then a per-rank reseed under DDP
+            restore_rng(state["rng"])
+            if self.dist.distributed:
+                _seed_everything(self.config.seed + 1_000_003 * self.step + self.dist.rank)
         self._truncate_log(self.step)
 
     # -- logging -----------------------------------------------------------------------------------
@@ -255,8 +305,9 @@ class Trainer:
         """Drop log lines past ``step`` (written by an interrupted run after its last checkpoint)."""
         if not self.dist.is_main or not self.log_path.exists():
             return
-        lines = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        self.log_path.write_text("".join(ln + "\n" for ln in lines))
+        lines = self.log_path.read_text().splitlines()
+        kept = [ln for ln in lines if (logged := _logged_step(ln)) is not None and logged <= step]
+        self.log_path.write_text("".join(ln + "\n" for ln in kept))  # half-written lines are dropped too
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -298,11 +349,19 @@ class Trainer:
             )
         )
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).float()
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        finite = torch.isfinite(value.detach()).float()
         if self.dist.distributed:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item() > 0)
+
+    def _stop(self, what: str, values: dict[str, float]) -> NonFiniteLossError:
+        last = self.checkpoint_dir / "last.pt"
+        return NonFiniteLossError(
+            f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, batch {self.next_batch}): "
+            f"{values}; training stopped before the optimizer step"
+            + (f", last good checkpoint {last} left untouched" if last.exists() else "")
+        )
 
     def train_step(self, images: Any, targets: Any) -> dict[str, float]:
         """One optimizer step; returns the logged values."""
@@ -314,24 +373,19 @@ class Trainer:
             raise TypeError("in training mode the model must return a non-empty dict of losses")
         loss = sum(losses.values())
         if not self._all_finite(loss):
-            last = self.checkpoint_dir / "last.pt"
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} (epoch {self.epoch}, batch {self.next_batch}): "
-                f"{values}; training stopped"
-                + (f", last good checkpoint {last} left untouched" if last.exists() else "")
-            )
+            raise self._stop("loss", {k: float(v.detach()) for k, v in losses.items()})
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = None
-        if self.config.clip_grad:
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad))
+        # the total gradient norm, always: a finite loss can still give NaN/inf gradients (clipping with an
+        # infinite bound only measures)
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad or math.inf)
+        if not self._all_finite(grad_norm):
+            raise self._stop("gradient norm", {"grad_norm": float(grad_norm)})
         lr = self.config.lr * self._lr_factor(self.scheduler.last_epoch)  # the base rate this step used
         self.optimizer.step()
         self.scheduler.step()
         record = {"lr": lr, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
+        record["grad_norm"] = float(grad_norm)
         stats = getattr(self.model, "training_stats", None)
         if callable(stats):
             record.update(stats())
@@ -342,9 +396,7 @@ class Trainer:
         if resume is not None:
             self.resume(resume)
         else:  # per-rank streams: ranks draw different Gumbel noise / drop-path masks
-            torch.manual_seed(self.config.seed + self.dist.rank)
-            random.seed(self.config.seed + self.dist.rank)
-            np.random.seed(self.config.seed + self.dist.rank)
+            _seed_everything(self.config.seed + self.dist.rank)
         progress = None
         if self.config.progress and self.dist.is_main:
             from tqdm import tqdm
