@@ -68,7 +68,9 @@ def _spa_block_macs(block: SPABlock, x: torch.Tensor) -> tuple[int, int]:
     K, S = packed.image.shape
     segment = packed.segment[packed.segment >= 0]
     pairs = int((torch.unique(segment, return_counts=True)[1] ** 2).sum()) if segment.numel() else 0
-    executed = gate + packed.num_rows * per_row + 2 * attn_dim * K * S * S + unkept_ffn
+    executed = gate + unkept_ffn
+    if kept_tokens:  # the block skips attention and the FFN when it keeps nothing (any layout, masked too)
+        executed += packed.num_rows * per_row + 2 * attn_dim * K * S * S
     kept = gate + kept_tokens * per_row + 2 * attn_dim * pairs + unkept_ffn
     return kept, executed
 

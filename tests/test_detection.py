@@ -54,6 +54,18 @@ def test_detectors_train_and_predict(tiny_set, model, detector):
     assert len(out) == 2 and {"boxes", "labels", "scores"} <= out[0].keys()
 
 
+def test_unsupervised_gate_gets_no_selection_loss(tiny_set):
+    """``supervise_gate=False`` (``spa train --supervise-gate false``): the gate learns from the detection
+    losses alone; ``loss_select`` stays in the logs as 0."""
+    ds, (images, targets) = _batch(tiny_set)
+    det = build_detector(model="spt_nano", num_classes=ds.num_classes, supervise_gate=False, **SMALL)
+    losses = det.train()(images, targets)
+    assert float(losses["loss_select"]) == 0.0
+    sum(losses.values()).backward()  # still trains end to end
+    supervised = build_detector(model="spt_nano", num_classes=ds.num_classes, **SMALL)
+    assert float(supervised.train()(images, targets)["loss_select"]) > 0
+
+
 def test_selection_labels_use_boxes_as_the_backbone_sees_them(tiny_set):
     """The detector resizes 128 px images to 64 px: labels must come from the resized boxes."""
     ds, (images, targets) = _batch(tiny_set, augment=False)

@@ -62,6 +62,16 @@ def test_executed_matches_flop_counter_with_partial_keep() -> None:
         assert macs.kept < macs.executed, layout
 
 
+@pytest.mark.parametrize("layout", ["containers", "masked"])
+def test_executed_matches_flop_counter_when_nothing_is_kept(layout: str) -> None:
+    """A block that keeps no token skips attention and the FFN in every layout (``masked`` included)."""
+    model = spa.create_model("spt_nano", img_size=64, gate_init=1e-4, layout=layout).eval()
+    x = torch.randn(2, 3, 64, 64)
+    macs = count_macs(model, x)
+    assert all(s.keep.sum() == 0 for s in model.last_selections)
+    assert macs.executed == pytest.approx(_torch_gmacs(model, x), rel=1e-9)
+
+
 def test_kept_is_layout_independent_and_below_dense() -> None:
     x = torch.randn(3, 3, 112, 112)
     results = {}

@@ -262,6 +262,7 @@ def detector_config(cfg: RunConfig, num_classes: int):
         fpn_channels=cfg.fpn_channels,
         representation_size=cfg.representation_size,
         selection_alpha=cfg.selection_alpha,
+        supervise_gate=cfg.supervise_gate,
         model_kwargs=cfg.model_kwargs(),
     )
 

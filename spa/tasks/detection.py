@@ -87,6 +87,7 @@ class DetectorConfig:
     box_batch_size_per_image: int = 128
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
     selection_alpha: float = 0.01
+    supervise_gate: bool = True
     use_masks_for_labels: bool = True
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -144,9 +145,12 @@ class SPADetector(nn.Module):
         self.detector.transform.last_targets = None
         out = self.detector(images, targets)
         if self.training and self.selections:
-            out.update(
-                selection_loss(self.selections, self.selection_labels, alpha=self.config.selection_alpha)
-            )
+            if self.config.supervise_gate:
+                out.update(
+                    selection_loss(self.selections, self.selection_labels, alpha=self.config.selection_alpha)
+                )
+            else:  # the gate learns from the detection losses alone; the term stays in the logs as 0
+                out["loss_select"] = self.selections[0].own_logits.new_zeros(())
         return out
 
     @torch.no_grad()
