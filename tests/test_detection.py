@@ -213,6 +213,27 @@ def test_two_process_gloo_training_with_a_rank_that_keeps_nothing(tiny_set, tmp_
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
 
 
+def test_evaluation_data_needs_no_training_split_and_a_coco_file_warns(tiny_set, tmp_path):
+    from PIL import Image
+
+    from spa.engine.commands import RunConfig, _detection_datasets, _detection_val_data
+
+    voc = tmp_path / "voc"  # a VOC root with a val split only
+    for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
+        (voc / sub).mkdir(parents=True)
+    Image.new("RGB", (32, 24)).save(voc / "JPEGImages" / "v1.jpg")
+    box = "<bndbox><xmin>2</xmin><ymin>2</ymin><xmax>20</xmax><ymax>20</ymax></bndbox>"
+    (voc / "Annotations" / "v1.xml").write_text(
+        f"<annotation><filename>v1.jpg</filename><object><name>dog</name>{box}</object></annotation>"
+    )
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("v1\n")
+    assert len(_detection_val_data(RunConfig(data=f"voc:{voc}"))) == 1
+    train = tiny_set / "train"
+    with pytest.warns(UserWarning, match="evaluating on the training annotations"):
+        _, val = _detection_datasets(RunConfig(data=f"coco:{train / 'annotations.json'}:{train}"))
+    assert len(val) == 8
+
+
 def test_unreadable_and_foreign_checkpoints(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 64)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -196,9 +197,18 @@ def _detection_datasets(cfg: RunConfig) -> tuple[Any, Any]:
     from spa.data import detection_transforms
 
     train = _open_data(cfg.data, "train", cfg, detection_transforms(train=True, size=cfg.img_size))
-    val_spec = cfg.val_data or cfg.data
-    val = _open_data(val_spec, "val", cfg, None)
-    return train, val
+    return train, _detection_val_data(cfg)
+
+
+def _detection_val_data(cfg: RunConfig) -> Any:
+    """The evaluation set alone (``spa eval`` does not need a training split)."""
+    if cfg.val_data is None and cfg.data.startswith("coco:"):
+        warnings.warn(
+            f"{cfg.data} has no split: evaluating on the training annotations (pass --val-data for a "
+            "held-out set)",
+            stacklevel=3,
+        )
+    return _open_data(cfg.val_data or cfg.data, "val", cfg, None)
 
 
 def _classification_data(spec: str, split: str, cfg: RunConfig, classes: list[str] | None = None) -> Any:
@@ -404,7 +414,7 @@ class _DetectTask(_Task):
         return load_detector(checkpoint, expect={"model": args.model, "detector": args.detector})
 
     def eval_datasets(self, model, run_cfg, checkpoint):
-        _, val_set = _detection_datasets(run_cfg)
+        val_set = _detection_val_data(run_cfg)
         trained_classes = model.config.num_classes
         if val_set.num_classes != trained_classes:
             raise CheckpointError(
@@ -487,7 +497,11 @@ def run_training(
     task = _task(cfg.task)
     dist_info = init_distributed(device)
     torch.manual_seed(cfg.seed)
+    if dist_info.distributed and not dist_info.is_main:
+        torch.distributed.barrier()  # rank 0 first: it may generate the built-in set, others then read it
     train_set, val_set = task.datasets(cfg)
+    if dist_info.distributed and dist_info.is_main:
+        torch.distributed.barrier()
     model, meta, description = task.model(cfg, train_set)
     if cfg.grad_checkpointing:
         from spa.tasks.backbones import set_grad_checkpointing
