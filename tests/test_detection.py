@@ -63,7 +63,7 @@ def test_unsupervised_gate_gets_no_selection_loss(tiny_set):
     assert float(losses["loss_select"]) == 0.0
     sum(losses.values()).backward()  # still trains end to end
     supervised = build_detector(model="spt_nano", num_classes=ds.num_classes, **SMALL)
-    assert float(supervised.train()(images, targets)["loss_select"]) > 0
+    assert float(supervised.train()(images, targets)["loss_select"].detach()) > 0
 
 
 def test_selection_labels_use_boxes_as_the_backbone_sees_them(tiny_set):
