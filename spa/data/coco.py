@@ -248,8 +248,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def coco(self):
         """The annotations as a ``pycocotools.coco.COCO`` object (for evaluation).
 
-        Optional fields pycocotools' evaluation needs get the defaults the loader uses: ``iscrowd`` 0,
-        ``area`` the box area; an annotation without an id, or with id 0 (COCOeval reads id 0 as "not
+        Optional fields pycocotools' evaluation needs get defaults: ``iscrowd`` 0, ``area`` the area of the
+        annotation's ``bbox``; an annotation without an id, or with id 0 (COCOeval reads id 0 as "not
         matched"), gets a fresh one above the file's largest.
         """
         if self._coco is None:

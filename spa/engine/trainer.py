@@ -249,7 +249,6 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "next_batch": self.next_batch,
-            "rng": capture_rng(),  # this process's
             "rng_per_rank": rng_per_rank or [capture_rng()],
             "data_plan": self.data_plan(),
             "config": asdict(self.config),
@@ -290,8 +289,8 @@ class Trainer:
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == self.dist.world_size:
             restore_rng(per_rank[self.dist.rank])
-        else:  # a checkpoint without every rank's states: rank 0's, then a per-rank reseed under DDP
-            restore_rng(state["rng"])
+        else:  # a checkpoint without every rank's states: the one it has, then a per-rank reseed under DDP
+            restore_rng(per_rank[0] if per_rank else state["rng"])  # files before rng_per_rank: "rng"
             if self.dist.distributed:
                 _seed_everything(self.config.seed + 1_000_003 * self.step + self.dist.rank)
         self._truncate_log(self.step)
