@@ -39,7 +39,7 @@ from spa.data.common import DatasetError, load_rgb
 from spa.data.multilabel import MultiLabelView, multi_hot
 from spa.flops import counting_macs
 from spa.labels import batch_selection_labels
-from spa.losses import selection_loss
+from spa.losses import SELECT_LOSS_NAME, selection_loss
 from spa.models.spt import create_model as create_spt
 from spa.selection import Selection
 from spa.tasks.backbones import SPT_MODELS, SWIN_BASELINES
@@ -209,7 +209,7 @@ class SPAClassifier(nn.Module):
         if self.supervised:
             losses.update(selection_loss(self.selections, self.selection_labels, self.config.selection_alpha))
         else:
-            losses["loss_select"] = logits.new_zeros(())
+            losses[SELECT_LOSS_NAME] = logits.new_zeros(())
         return losses
 
     @torch.no_grad()

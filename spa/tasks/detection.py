@@ -22,7 +22,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from spa.labels import batch_selection_labels, grid_size
-from spa.losses import selection_loss
+from spa.losses import SELECT_LOSS_NAME, selection_loss
 from spa.selection import Selection
 from spa.tasks.backbones import build_body
 
@@ -150,7 +150,7 @@ class SPADetector(nn.Module):
                     selection_loss(self.selections, self.selection_labels, alpha=self.config.selection_alpha)
                 )
             else:  # the gate learns from the detection losses alone; the term stays in the logs as 0
-                out["loss_select"] = self.selections[0].own_logits.new_zeros(())
+                out[SELECT_LOSS_NAME] = self.selections[0].own_logits.new_zeros(())
         return out
 
     @torch.no_grad()
