@@ -4,8 +4,9 @@ from spa.attention import PackedAttention, packed_attention
 from spa.gate import TokenGate
 from spa.labels import batch_selection_labels, selection_labels
 from spa.losses import selection_loss, selection_loss_from_targets
+from spa.models import create_model, list_models
 from spa.models.spa_block import SPABlock
-from spa.models.spt import SPT, create_model, list_models
+from spa.models.spt import SPT
 from spa.models.swin_weights import LoadResult, load_swin_weights
 from spa.packing import Packed, pack
 from spa.selection import Selection

@@ -103,7 +103,8 @@ def ablate_selection(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate the selection variants; returns (and writes) the results."""
-    from spa.engine.commands import RunConfig, run_training
+    from spa.config import RunConfig
+    from spa.engine.commands import run_training
 
     unknown = sorted(set(variants) - set(SELECTION_VARIANTS))
     if unknown:
@@ -192,7 +193,8 @@ def ablate_stages(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate Faster R-CNN with SPA in the given stage sets; returns (and writes) the results."""
-    from spa.engine.commands import RunConfig, run_training
+    from spa.config import RunConfig
+    from spa.engine.commands import run_training
 
     unknown = sorted(set(variants) - set(STAGE_VARIANTS))
     if unknown:

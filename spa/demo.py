@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from spa.bench import environment
+from spa.bench.timing import environment, interleaved_rounds
 
 __all__ = ["DemoConfig", "register", "run_demo"]
 
@@ -65,7 +65,9 @@ def _log(msg: str) -> None:
 
 def _train(cfg: DemoConfig, model: str, out: Path) -> tuple[dict, torch.nn.Module]:
     """Train and evaluate one detector exactly as ``spa train`` would; returns (metrics, trained model)."""
-    from spa.engine.commands import RunConfig, run_training
+    from spa.config import RunConfig
+    from spa.engine.commands import run_training
+    from spa.models import is_spt_name
 
     run = RunConfig(
         model=model,
@@ -82,7 +84,7 @@ def _train(cfg: DemoConfig, model: str, out: Path) -> tuple[dict, torch.nn.Modul
         seed=cfg.seed,
         checkpoint_every=max(50, cfg.steps // 4),
         out=str(out),
-        **({"selection_alpha": cfg.selection_alpha} if model.startswith("spt_") else {}),
+        **({"selection_alpha": cfg.selection_alpha} if is_spt_name(model) else {}),
     )
     start = time.perf_counter()
     result = run_training(run)
@@ -92,20 +94,15 @@ def _train(cfg: DemoConfig, model: str, out: Path) -> tuple[dict, torch.nn.Modul
 
 
 def _median_ms(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of a call over ``rounds`` timed calls, after one warm-up."""
+    return statistics.median(interleaved_rounds({"run": fn}, rounds)["run"])
 
 
 def _time_detectors(
     models: dict[str, Any], images: list[torch.Tensor], targets: list[dict], rounds: int
 ) -> dict:
     """Images/s of whole detectors (train step at the training batch, inference at batch 1 and at that
-    batch) and of their backbones alone, timed in interleaved rounds."""
+    batch) and of their backbones alone, timed in interleaved, shuffled rounds (``spa.bench.timing``)."""
     batch = len(images)
     tensor = torch.stack(images)
     jobs: dict[tuple[str, str], Any] = {}
@@ -137,26 +134,20 @@ def _time_detectors(
         jobs[(name, f"backbone_train_b{batch}")] = backbone_train
         jobs[(name, "backbone_infer_b1")] = lambda backbone_infer=backbone_infer: backbone_infer(n=1)
         jobs[(name, f"backbone_infer_b{batch}")] = backbone_infer
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in jobs}
-    for fn in jobs.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for key, fn in jobs.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
+    times = interleaved_rounds(jobs, rounds)
     out: dict[str, dict[str, float]] = {}
     for (name, what), ts in times.items():
         n = 1 if what.endswith("_b1") else batch
-        out.setdefault(name, {})[f"{what}_img_s"] = n / statistics.median(ts)
+        out.setdefault(name, {})[f"{what}_img_s"] = n * 1e3 / statistics.median(ts)
     return out
 
 
 def _threshold_sweep(cfg: DemoConfig, checkpoint: Path, val: Any) -> list[dict]:
-    from spa.engine.commands import load_detector, set_keep_threshold
+    from spa.gate import set_keep_threshold
+    from spa.tasks.base import load_model
     from spa.tasks.evaluation import evaluate_detection
 
-    model, _ = load_detector(checkpoint)
+    model, _ = load_model(checkpoint, task="detect")
     rows = []
     for threshold in cfg.thresholds:
         set_keep_threshold(model, threshold)
@@ -218,8 +209,8 @@ def _keep_movement(metrics: Path) -> dict[str, dict[str, float]]:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every step and write ``report.md``, ``report.json`` and the figures into ``cfg.out``."""
     from spa.data import builtin_dataset, collate_detection, detection_transforms
+    from spa.models import dense_baseline_of
     from spa.report_figures import plot_ap_vs_gmacs, plot_cost_vs_coverage, plot_keep_during_training
-    from spa.tasks.backbones import dense_baseline_of
     from spa.viz import draw_selection_overlays, model_selections
 
     start = time.perf_counter()

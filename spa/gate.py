@@ -21,6 +21,7 @@ __all__ = [
     "gumbel_keep",
     "keep_top",
     "random_keep",
+    "set_keep_threshold",
     "threshold_keep",
     "topk_keep",
 ]
@@ -240,3 +241,14 @@ class TokenGate(nn.Module):
             f"select={self.select!r}, keep_threshold={self.keep_threshold}, temperature={self.temperature}, "
             f"keep_ratio={self.keep_ratio}, min_keep={self.min_keep}, straight_through={self.straight_through}"
         )
+
+
+def set_keep_threshold(model: nn.Module, threshold: float) -> int:
+    """Set the inference keep threshold of every :class:`TokenGate` in ``model``; returns how many gates
+    were changed."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"keep threshold must be in (0, 1), got {threshold}")
+    gates = [m for m in model.modules() if isinstance(m, TokenGate)]
+    for gate in gates:
+        gate.keep_threshold = threshold
+    return len(gates)

@@ -50,17 +50,20 @@ def grid_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
     return math.ceil(h / stride), math.ceil(w / stride)
 
 
-def _as_boxes(boxes: torch.Tensor | None) -> torch.Tensor:
+def _as_boxes(boxes: torch.Tensor | None, device: torch.device | str | None = None) -> torch.Tensor:
     if boxes is None:
-        return torch.zeros(0, 4)
-    boxes = torch.as_tensor(boxes)
+        return torch.zeros(0, 4, device=device)
+    boxes = torch.as_tensor(boxes, device=device)
     if boxes.numel() == 0:
         return boxes.reshape(0, 4).float()
     if boxes.dim() != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be [M, 4] xyxy, got shape {tuple(boxes.shape)}")
-    if not torch.isfinite(boxes).all():
-        raise ValueError("boxes contain NaN or infinite coordinates")
     return boxes.float()
+
+
+def _check_finite(boxes: torch.Tensor) -> None:
+    if boxes.numel() and not torch.isfinite(boxes).all():
+        raise ValueError("boxes contain NaN or infinite coordinates")
 
 
 def _box_ranges(boxes: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
@@ -75,24 +78,32 @@ def _box_ranges(boxes: torch.Tensor, size: tuple[int, int], stride: int) -> torc
     r1 = torch.ceil(y2 / stride)
     empty = (x2 <= x1) | (y2 <= y1)
     out = torch.stack([c0, r0, c1, r1], dim=1).long()
-    out[empty] = 0
-    return out
+    return out.masked_fill(empty[:, None], 0)
+
+
+def _box_cells(boxes: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
+    """``[M, gh, gw]`` bool: the cells each box covers (no Python loop over boxes; on the boxes' device)."""
+    gh, gw = grid_size(size, stride)
+    r = _box_ranges(boxes, size, stride)
+    rows = torch.arange(gh, device=boxes.device)
+    cols = torch.arange(gw, device=boxes.device)
+    in_rows = (rows >= r[:, 1, None]) & (rows < r[:, 3, None])
+    in_cols = (cols >= r[:, 0, None]) & (cols < r[:, 2, None])
+    return in_rows[:, :, None] & in_cols[:, None, :]
 
 
 def box_grid(boxes: torch.Tensor | None, size: tuple[int, int], stride: int = 1) -> torch.Tensor:
     """Union of ``boxes`` ([M, 4] xyxy pixels) on the stride grid of an image of ``size = (H, W)``.
 
-    Returns a ``[ceil(H/stride), ceil(W/stride)]`` bool map (stride 1: the pixel map). See the module
-    docstring for the exact covering rule; degenerate boxes mark nothing.
+    Returns a ``[ceil(H/stride), ceil(W/stride)]`` bool map (stride 1: the pixel map) on the boxes' device.
+    See the module docstring for the exact covering rule; degenerate boxes mark nothing.
     """
     gh, gw = grid_size(size, stride)
     boxes = _as_boxes(boxes)
-    out = torch.zeros(gh, gw, dtype=torch.bool)
+    _check_finite(boxes)
     if boxes.shape[0] == 0 or gh == 0 or gw == 0:
-        return out
-    for c0, r0, c1, r1 in _box_ranges(boxes.detach().cpu(), size, stride).tolist():
-        out[r0:r1, c0:c1] = True  # empty ranges (degenerate boxes) write nothing
-    return out
+        return torch.zeros(gh, gw, dtype=torch.bool, device=boxes.device)
+    return _box_cells(boxes, size, stride).any(0)
 
 
 def foreground_mask(
@@ -112,12 +123,13 @@ def foreground_mask(
     mh, mw = masks.shape[-2:]
     if mh > h or mw > w:
         raise ValueError(f"masks of size {(mh, mw)} larger than the input size {(h, w)}")
-    out = torch.zeros(h, w, dtype=torch.bool)
-    m = masks.bool().cpu()
+    m = masks.bool()
+    out = torch.zeros(h, w, dtype=torch.bool, device=m.device)
     if m.shape[0]:
         out[:mh, :mw] = m.any(0)
     if boxes is not None:
-        boxes = _as_boxes(boxes)
+        boxes = _as_boxes(boxes, m.device)
+        _check_finite(boxes)
         if boxes.shape[0] != m.shape[0]:
             raise ValueError(f"got {boxes.shape[0]} boxes for {m.shape[0]} masks")
         empty = ~m.flatten(1).any(1) if m.shape[0] else torch.zeros(0, dtype=torch.bool)
@@ -168,15 +180,31 @@ def batch_selection_labels(
 
     ``size`` is the (padded) input ``(H, W)`` the backbone sees; each image sits top-left in it and its
     boxes/masks must already be in that frame (after every resize). ``batch_size`` (>= len(targets))
-    pads the batch with all-zero labels.
+    pads the batch with all-zero labels. Built on ``device`` (default: the device of the first target's
+    boxes), with the boxes of the whole batch in one vectorised pass (no loop over boxes).
     """
     b = len(targets) if batch_size is None else batch_size
     if b < len(targets):
         raise ValueError(f"batch_size {b} smaller than the number of targets {len(targets)}")
+    if device is None:
+        device = next((t["boxes"].device for t in targets if torch.is_tensor(t.get("boxes"))), "cpu")
     gh, gw = grid_size(size, stride)
-    out = torch.zeros(b, gh, gw)
+    out = torch.zeros(b, gh, gw, device=device)
+    box_images, box_sets = [], []
     for i, t in enumerate(targets):
-        boxes = t.get("boxes")
         masks = t.get("masks") if use_masks else None
-        out[i] = selection_labels(size, stride, boxes=boxes, masks=masks)
-    return out if device is None else out.to(device)
+        if masks is not None:
+            out[i] = mask_grid(
+                foreground_mask(size, t.get("boxes"), torch.as_tensor(masks, device=device)), stride
+            )
+        else:
+            boxes = _as_boxes(t.get("boxes"), device)
+            box_sets.append(boxes)
+            box_images.append(torch.full((boxes.shape[0],), i, dtype=torch.long, device=device))
+    boxes = torch.cat(box_sets) if box_sets else torch.zeros(0, 4, device=device)
+    _check_finite(boxes)
+    if boxes.shape[0] and gh and gw:
+        cells = _box_cells(boxes, size, stride).flatten(1).float()
+        covered = torch.zeros(b, gh * gw, device=device).index_add_(0, torch.cat(box_images), cells)
+        out = torch.maximum(out, (covered > 0).float().view(b, gh, gw))
+    return out

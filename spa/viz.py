@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spa.models import is_spt
 from spa.report_figures import save_figure
 from spa.selection import Selection
+from spa.tasks.detection import SPADetector
 
 __all__ = ["IMAGE_SUFFIXES", "draw_selection_overlays", "model_selections", "register", "stage_keep_maps"]
 
@@ -161,15 +163,12 @@ def model_selections(
     (``forward_with_selections``; images ``[B, 3, H, W]``; detections ``None``).
     """
     model.eval()
-    if hasattr(model, "detector") and hasattr(model, "selections"):
+    if isinstance(model, SPADetector):
         images = list(images)
-        detections = model(images)
-        selections = list(model.selections)
-        transform = model.detector.transform
-        padded = transform.last_input_size
+        out = model.forward_details(images)
         shown, scaled = [], []
-        for image, size, det in zip(images, transform.last_image_sizes, detections):
-            canvas = torch.zeros(3, *padded)
+        for image, size, det in zip(images, out.image_sizes, out.detections):
+            canvas = torch.zeros(3, *out.input_size)
             canvas[:, : size[0], : size[1]] = F.interpolate(
                 image[None].float(), size=tuple(size), mode="bilinear", align_corners=False
             )[0].clamp(0, 1)
@@ -177,8 +176,8 @@ def model_selections(
             sy, sx = size[0] / image.shape[-2], size[1] / image.shape[-1]
             boxes = det["boxes"].cpu() * torch.tensor([sx, sy, sx, sy])
             scaled.append({**{k: v.cpu() for k, v in det.items()}, "boxes": boxes})
-        return shown, selections, scaled
-    if not hasattr(model, "forward_with_selections"):
+        return shown, list(out.selections), scaled
+    if not is_spt(model):
         raise TypeError(f"{type(model).__name__} is neither an SPT backbone nor an SPADetector")
     batch = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
     _, selections = model.forward_with_selections(batch)
@@ -209,11 +208,12 @@ def _load_image(path: Path) -> torch.Tensor:
 
 
 def _run_viz(args: argparse.Namespace) -> int:
-    from spa.engine.commands import load_detector, set_keep_threshold
+    from spa.gate import set_keep_threshold
+    from spa.tasks.base import load_model
 
     torch.set_num_threads(args.threads)
-    model, _ = load_detector(args.checkpoint)
-    if not model.config.model.startswith("spt_"):
+    model, _ = load_model(args.checkpoint, task="detect")
+    if not is_spt(model.backbone.body):
         raise ValueError(f"{args.checkpoint} holds a dense {model.config.model}; it selects no tokens")
     if args.keep_threshold is not None:
         set_keep_threshold(model, args.keep_threshold)

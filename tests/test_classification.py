@@ -13,21 +13,21 @@ import torch
 from PIL import Image
 
 from spa.cli import main
-from spa.data import DatasetError, builtin_dataset, make_builtin
-from spa.engine import CheckpointError
-from spa.tasks.classification import (
+from spa.data import (
     BoxedMultiLabelView,
+    DatasetError,
     MultiLabelList,
-    average_precision,
-    build_classifier,
+    builtin_dataset,
     check_labeled,
     classification_transforms,
     collate_classification,
-    evaluate_classification,
     image_folder,
-    mean_average_precision,
-    topk_accuracy,
+    make_builtin,
 )
+from spa.engine import CheckpointError
+from spa.tasks.classification import build_classifier
+from spa.tasks.evaluation import evaluate_classification
+from spa.tasks.metrics import average_precision, mean_average_precision, topk_accuracy
 
 # -- metrics ---------------------------------------------------------------------------------------
 
@@ -336,8 +336,22 @@ def test_boolean_and_task_flags():
     assert parser.parse_args(["train", "--supervise-gate", "yes"]).supervise_gate is True
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--supervise-gate", "maybe"])
-    with pytest.raises(ValueError, match="empty_images"):
-        main(["train", "--empty-images", "ignore", "--task", "multilabel"])
+    with pytest.raises(SystemExit):  # the flag's choices come from the config field: refused while parsing
+        parser.parse_args(["train", "--empty-images", "ignore", "--task", "multilabel"])
+    from spa.config import RunConfig
+
+    with pytest.raises(ValueError, match="empty_images"):  # and a YAML / Python value by the config
+        RunConfig(empty_images="ignore", task="multilabel")
+    assert parser.parse_args(["train", "--clip-grad", "none"]).clip_grad is not None  # "none" is a value
+    from spa.config import resolve_config
+
+    assert (
+        resolve_config(
+            None, {"clip_grad": parser.parse_args(["train", "--clip-grad", "none"]).clip_grad}
+        ).clip_grad
+        is None
+    )
+    assert resolve_config(None, {}).clip_grad == 5.0
 
 
 def test_grad_checkpointing_flag_reaches_the_backbone(tiny_set, tmp_path):

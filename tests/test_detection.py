@@ -71,13 +71,13 @@ def test_selection_labels_use_boxes_as_the_backbone_sees_them(tiny_set):
     ds, (images, targets) = _batch(tiny_set, augment=False)
     assert all(im.shape[-2:] == (128, 128) for im in images)
     det = build_detector(model="spt_nano", num_classes=ds.num_classes, img_size=64, min_size=64, max_size=64)
-    det.train()(images, targets)
-    for sel in det.selections:
-        labels = det.selection_labels(sel.stride)
+    out = det.train().forward_details(images, targets)
+    for sel in out.selections:
+        labels = out.labels[sel.stride]
         assert labels.shape == sel.own_logits.shape
     resized = [{"boxes": t["boxes"] * 0.5, "masks": t["masks"][:, ::2, ::2]} for t in targets]
     expected = batch_selection_labels(resized, (64, 64), 16)
-    torch.testing.assert_close(det.selection_labels(16), expected)
+    torch.testing.assert_close(out.labels[16], expected)
     unscaled = batch_selection_labels(targets, (64, 64), 16, use_masks=False)  # boxes as loaded: wrong frame
     assert not torch.equal(unscaled, expected)
 
@@ -216,7 +216,10 @@ def test_two_process_gloo_training_with_a_rank_that_keeps_nothing(tiny_set, tmp_
 def test_evaluation_data_needs_no_training_split_and_a_coco_file_warns(tiny_set, tmp_path):
     from PIL import Image
 
-    from spa.engine.commands import RunConfig, _detection_datasets, _detection_val_data
+    from spa.config import RunConfig
+    from spa.tasks.detection import DetectionTask
+
+    task = DetectionTask()
 
     voc = tmp_path / "voc"  # a VOC root with a val split only
     for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
@@ -227,10 +230,10 @@ def test_evaluation_data_needs_no_training_split_and_a_coco_file_warns(tiny_set,
         f"<annotation><filename>v1.jpg</filename><object><name>dog</name>{box}</object></annotation>"
     )
     (voc / "ImageSets" / "Main" / "val.txt").write_text("v1\n")
-    assert len(_detection_val_data(RunConfig(data=f"voc:{voc}"))) == 1
+    assert len(task.eval_dataset(RunConfig(data=f"voc:{voc}"))) == 1
     train = tiny_set / "train"
     with pytest.warns(UserWarning, match="evaluating on the training annotations"):
-        _, val = _detection_datasets(RunConfig(data=f"coco:{train / 'annotations.json'}:{train}"))
+        _, val = task.datasets(RunConfig(data=f"coco:{train / 'annotations.json'}:{train}"))
     assert len(val) == 8
 
 

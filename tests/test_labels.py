@@ -148,3 +148,40 @@ def test_batch_labels_padded_input_and_batch():
     assert no_masks[0].sum() == 6
     with pytest.raises(ValueError, match="batch_size"):
         batch_selection_labels([t0, t1], (64, 48), 16, batch_size=1)
+
+
+def _loop_box_grid(boxes: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
+    """The covering rule written out box by box, cell by cell (reference for the vectorised version)."""
+    gh, gw = grid_size(size, stride)
+    out = torch.zeros(gh, gw, dtype=torch.bool)
+    h, w = size
+    for x1, y1, x2, y2 in boxes.tolist():
+        x1, x2, y1, y2 = min(max(x1, 0), w), min(max(x2, 0), w), min(max(y1, 0), h), min(max(y2, 0), h)
+        if x2 <= x1 or y2 <= y1:
+            continue
+        for i in range(gh):
+            for j in range(gw):
+                # the cell [j*s, (j+1)*s) x [i*s, (i+1)*s) overlaps the open box with positive area
+                if j * stride < x2 and (j + 1) * stride > x1 and i * stride < y2 and (i + 1) * stride > y1:
+                    out[i, j] = True
+    return out
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    st.lists(st.integers(0, 6), min_size=1, max_size=4),
+    st.sampled_from([4, 16, 32]),
+    st.integers(0, 2**31 - 1),
+)
+def test_batch_labels_equal_a_box_by_box_loop(counts, stride, seed):
+    """The vectorised batch labels (one pass over every box of the batch) equal the rule applied box by box."""
+    g = torch.Generator().manual_seed(seed)
+    size = (int(torch.randint(8, 90, (1,), generator=g)), int(torch.randint(8, 90, (1,), generator=g)))
+    targets = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([size[1], size[0]]) * 1.2 - 5
+        wh = torch.rand(n, 2, generator=g) * 40 - 3  # some degenerate (negative size) boxes
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1)})
+    labels = batch_selection_labels(targets, size, stride)
+    for i, t in enumerate(targets):
+        assert torch.equal(labels[i].bool(), _loop_box_grid(t["boxes"], size, stride))

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["collate_detection", "pad_images"]
+__all__ = ["collate_classification", "collate_detection", "pad_images"]
 
 
 def collate_detection(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list, list]:
@@ -31,3 +31,12 @@ def pad_images(images: Sequence[torch.Tensor], size_divisible: int = 32, fill: f
     for i, im in enumerate(images):
         out[i, :, : im.shape[-2], : im.shape[-1]] = im
     return out
+
+
+def collate_classification(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list]:
+    """``[(image, target), ...] -> (images [B, 3, H, W], [targets])`` (images of one size)."""
+    images = [torch.as_tensor(b[0]) for b in batch]
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"classification images must share one size in a batch, got {sorted(shapes)}")
+    return torch.stack(images), [b[1] for b in batch]

@@ -1,4 +1,5 @@
-"""Box-aware augmentation with ``torchvision.transforms.v2`` (boxes, masks, labels move together)."""
+"""Box-aware augmentation with ``torchvision.transforms.v2`` (boxes, masks, labels move together), for
+detection and for classification."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-__all__ = ["UpdateArea", "detection_transforms"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "UpdateArea", "classification_transforms", "detection_transforms"]
 
 
 def _sanitize_getter(inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -57,4 +58,30 @@ def detection_transforms(
     ]
     if pure:
         steps.append(v2.ToPureTensor())
+    return v2.Compose(steps)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def classification_transforms(
+    train: bool, size: int, boxes: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> v2.Compose:
+    """``torchvision.transforms.v2`` pipeline to a ``size x size`` normalised float image.
+
+    ``boxes=False`` (folders): train = RandomResizedCrop + flip, eval = resize + center crop.
+    ``boxes=True`` (multi-label from detection data): the whole image is resized to ``size x size`` (the
+    image-level labels stay true), flipped in training; boxes and masks follow (tv_tensors).
+    """
+    steps: list[Any] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if boxes:
+        if train:
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.Resize((size, size), antialias=True), v2.ClampBoundingBoxes()]
+    elif train:
+        steps += [v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    steps += [v2.Normalize(mean, std), v2.ToPureTensor()]
     return v2.Compose(steps)

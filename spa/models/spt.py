@@ -8,6 +8,12 @@ Parameter names follow timm's ``SwinTransformer`` (``patch_embed``, ``layers.{i}
 Selections: every forward records the ``Selection`` of each SPA block (``stage``, ``block`` and ``stride``
 set). The ``*_with_selections`` methods return them next to the output; every forward also leaves them in
 ``model.last_selections`` for convenience.
+
+Formats, as timm's Swin: the model's ``forward_features`` (and ``output_fmt``) is NHWC; ``forward_intermediates``
+and the ``features_only`` wrapper (``SPTFeatures``, ``output_fmt == "NCHW"``) give NCHW maps.
+
+The variants (``spt_nano`` ... ``spt_base``) are timm entrypoints: ``timm.create_model("spt_tiny", ...)``,
+``spa.create_model`` or ``spa.models.create_backbone``.
 """
 
 from __future__ import annotations
@@ -15,30 +21,39 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, register_model
-from timm.models._features import FeatureGetterNet, feature_take_indices
-from timm.models._registry import generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, SwinTransformerStage
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from spa.attention import BACKENDS
 from spa.gate import SELECT_MODES, TokenGate
+from spa.models._timm import NCHWFeatures, feature_cfg, feature_take_indices, registered_models
 from spa.models.spa_block import FFN_MODES, SPABlock
 from spa.packing import LAYOUTS
 from spa.selection import Selection
 
-__all__ = ["SPT", "SPAStage", "SPTFeatures", "create_model", "list_models"]
+__all__ = ["SPT", "SPT_OPTIONS", "SPAStage", "SPTFeatures", "create_model", "list_models"]
 
-_MODELS: dict[str, dict] = {
-    "spt_nano": dict(embed_dim=32, depths=(1, 1, 3, 1), num_heads=(1, 2, 4, 8)),
-    "spt_tiny": dict(embed_dim=96, depths=(2, 2, 10, 2), num_heads=(3, 6, 12, 24)),
-    "spt_small": dict(embed_dim=96, depths=(2, 2, 22, 2), num_heads=(3, 6, 12, 24)),
-    "spt_base": dict(embed_dim=128, depths=(2, 2, 22, 2), num_heads=(4, 8, 16, 32)),
-}
+# Options of the SPT that a dense Swin does not have (its SPA blocks and gates); every other SPT option is one
+# of timm's ``SwinTransformer``.
+SPT_OPTIONS: tuple[str, ...] = (
+    "spa_stages",
+    "select",
+    "keep_threshold",
+    "keep_ratio",
+    "gate_init",
+    "temperature",
+    "min_keep",
+    "straight_through",
+    "layout",
+    "ffn",
+    "backend",
+)
 
 
 class SPAStage(nn.Module):
@@ -210,7 +225,7 @@ class SPT(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
-        self.output_fmt = "NHWC"
+        self.output_fmt = "NHWC"  # forward_features, as timm's Swin; features_only (SPTFeatures) is NCHW
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
         self.depths = depths
@@ -434,8 +449,9 @@ class SPT(nn.Module):
         return take
 
 
-class SPTFeatures(FeatureGetterNet):
-    """``features_only`` SPT: ``forward(x)`` -> NCHW maps at the ``out_indices`` stages (strides 4/8/16/32).
+class SPTFeatures(NCHWFeatures):
+    """``features_only`` SPT: ``forward(x)`` -> NCHW maps at the ``out_indices`` stages (strides 4/8/16/32);
+    ``output_fmt == "NCHW"``.
 
     ``forward_with_selections(x)`` returns ``(maps, selections)``; ``last_selections`` holds those of the
     latest forward.
@@ -473,16 +489,8 @@ def _create_spt(variant: str, pretrained: bool = False, **kwargs) -> SPT | SPTFe
     cfg_kwargs = {k: kwargs.pop(k) for k in ("pretrained_cfg", "pretrained_cfg_overlay") if k in kwargs}
     kwargs.pop("cache_dir", None)  # nothing is ever downloaded
     _check_kwargs(variant, kwargs)
-    config = {**_MODELS[variant], **kwargs}
-    out_indices = config.pop("out_indices", tuple(range(len(config["depths"]))))
-    return build_model_with_cfg(
-        SPT,
-        variant,
-        pretrained=False,
-        feature_cfg=dict(feature_cls=SPTFeatures, out_indices=out_indices),
-        **cfg_kwargs,
-        **config,
-    )
+    features = feature_cfg(variant, kwargs, SPTFeatures, len(kwargs["depths"]))
+    return build_model_with_cfg(SPT, variant, pretrained=False, feature_cfg=features, **cfg_kwargs, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
@@ -503,43 +511,50 @@ def _cfg(**kwargs) -> dict:
     }
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in _MODELS})
+default_cfgs = generate_default_cfgs(
+    {name: _cfg() for name in ("spt_nano", "spt_tiny", "spt_small", "spt_base")}
+)
 
 
 @register_model
 def spt_nano(pretrained: bool = False, **kwargs) -> SPT:
     """SPT-Nano: width 32, depths 1-1-3-1, heads 1/2/4/8; trains on a CPU in minutes at 64-128 px."""
-    return _create_spt("spt_nano", pretrained=pretrained, **kwargs)
+    model_args = dict(embed_dim=32, depths=(1, 1, 3, 1), num_heads=(1, 2, 4, 8))
+    return _create_spt("spt_nano", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def spt_tiny(pretrained: bool = False, **kwargs) -> SPT:
     """SPT-T: Swin-T widths (96, heads 3/6/12/24), depths 2-2-10-2 (4 extra stage-3 blocks)."""
-    return _create_spt("spt_tiny", pretrained=pretrained, **kwargs)
+    model_args = dict(embed_dim=96, depths=(2, 2, 10, 2), num_heads=(3, 6, 12, 24))
+    return _create_spt("spt_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def spt_small(pretrained: bool = False, **kwargs) -> SPT:
     """SPT-S: Swin-S widths (96, heads 3/6/12/24), depths 2-2-22-2."""
-    return _create_spt("spt_small", pretrained=pretrained, **kwargs)
+    model_args = dict(embed_dim=96, depths=(2, 2, 22, 2), num_heads=(3, 6, 12, 24))
+    return _create_spt("spt_small", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def spt_base(pretrained: bool = False, **kwargs) -> SPT:
     """SPT-B: Swin-B widths (128, heads 4/8/16/32), depths 2-2-22-2."""
-    return _create_spt("spt_base", pretrained=pretrained, **kwargs)
+    model_args = dict(embed_dim=128, depths=(2, 2, 22, 2), num_heads=(4, 8, 16, 32))
+    return _create_spt("spt_base", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 def list_models() -> list[str]:
-    """Names of the SPT variants."""
-    return list(_MODELS)
+    """Names of the SPT variants (timm's registry: the entrypoints of this module), smallest first."""
+    return registered_models(__name__)
 
 
 def create_model(name: str, **kwargs) -> SPT | SPTFeatures:
-    """Build an SPT variant by name (``spt_nano``, ``spt_tiny``, ``spt_small``, ``spt_base``).
+    """Build an SPT variant by name (``spt_nano``, ``spt_tiny``, ``spt_small``, ``spt_base``) with timm.
 
-    ``kwargs`` are ``SPT`` options plus ``features_only``/``out_indices``; unknown names or options raise.
+    ``kwargs`` are ``SPT`` options plus ``features_only``/``out_indices``/``feature_cls``; unknown names or
+    options raise. ``spa.models.create_backbone`` also builds the dense Swin baselines.
     """
-    if name not in _MODELS:
+    if name not in list_models():
         raise ValueError(f"unknown SPT model {name!r}; available: {list_models()}")
-    return _create_spt(name, **kwargs)
+    return timm.create_model(name, **kwargs)

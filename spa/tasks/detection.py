@@ -1,8 +1,8 @@
 """Detection and instance segmentation: torchvision Faster / Mask R-CNN on an FPN over SPT or Swin.
 
-The selection labels are built *inside* the model from the targets after the detector's own transform
-(resize + batching), i.e. from the boxes/masks exactly as the backbone sees them, and the selection loss
-joins the detector's loss dict as ``loss_select``.
+The selection labels are built inside the model's forward from the targets after the detector's own
+transform (resize + batching), i.e. from the boxes/masks exactly as the backbone sees them, and the
+selection loss joins the detector's loss dict as ``loss_select``.
 """
 
 from __future__ import annotations
@@ -16,59 +16,63 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from spa.labels import batch_selection_labels, grid_size
+from spa.labels import batch_selection_labels
 from spa.losses import SELECT_LOSS_NAME, selection_loss
-from spa.selection import Selection
-from spa.tasks.backbones import build_body
+from spa.models import create_backbone, is_spt
+from spa.selection import Selection, keep_ratios, token_counts
 
-__all__ = ["DETECTORS", "BackboneWithFPN", "DetectorConfig", "SPADetector", "build_detector"]
+__all__ = [
+    "DETECTORS",
+    "BackboneWithFPN",
+    "DetectorConfig",
+    "DetectorOutput",
+    "SPADetector",
+    "build_detector",
+]
 
 DETECTORS = ("faster_rcnn", "mask_rcnn")
 
 
 class BackboneWithFPN(nn.Module):
-    """A ``features_only`` backbone (SPT or timm Swin) followed by torchvision's FPN (+ max-pool level).
+    """A ``features_only`` backbone (SPT or a dense Swin baseline) followed by torchvision's FPN (+ max-pool
+    level).
 
     torchvision's own ``BackboneWithFPN`` expects a body whose named children give the features
-    (``IntermediateLayerGetter``); timm feature extractors return a list, so this small wrapper feeds
-    that list to the same ``FeaturePyramidNetwork``. ``selections`` holds the SPA records of the latest
-    forward (empty for a dense backbone).
+    (``IntermediateLayerGetter``); timm feature extractors return a list, so this small wrapper feeds that
+    list to the same ``FeaturePyramidNetwork``. Every body spa builds emits NCHW maps (timm's feature
+    contract, ``output_fmt == "NCHW"``); a body that says otherwise is refused.
     """
 
     def __init__(self, body: nn.Module, out_channels: int = 256) -> None:
         super().__init__()
+        fmt = getattr(body, "output_fmt", "NCHW")
+        if fmt != "NCHW" and getattr(fmt, "value", None) != "NCHW":  # a string or timm's ``Format`` enum
+            raise ValueError(
+                f"the FPN needs NCHW feature maps; {type(body).__name__} says output_fmt={fmt!r}"
+            )
         self.body = body
         self.fpn = FeaturePyramidNetwork(
             body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool()
         )
         self.out_channels = out_channels
-        self.channels_last = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")
-        self.selections: list[Selection] = []
+
+    def forward_with_selections(
+        self, x: torch.Tensor
+    ) -> tuple[OrderedDict[str, torch.Tensor], list[Selection]]:
+        """Images ``[B, 3, H, W]`` -> (FPN maps ``"0".."3"``, ``"pool"``; the SPA blocks' selections)."""
+        if is_spt(self.body):
+            features, selections = self.body.forward_with_selections(x)
+        else:
+            features, selections = self.body(x), []
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features))), selections
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        if hasattr(self.body, "forward_with_selections"):
-            features, self.selections = self.body.forward_with_selections(x)
-        else:
-            features, self.selections = self.body(x), []
-        if self.channels_last:
-            features = [f.permute(0, 3, 1, 2) for f in features]
-        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
-
-
-class _RecordingTransform(GeneralizedRCNNTransform):
-    """torchvision's detector transform, remembering the batched input size and the resized targets."""
-
-    def forward(self, images, targets=None):
-        image_list, targets = super().forward(images, targets)
-        self.last_input_size = tuple(image_list.tensors.shape[-2:])
-        self.last_image_sizes = list(image_list.image_sizes)
-        self.last_targets = targets
-        return image_list, targets
+        return self.forward_with_selections(x)[0]
 
 
 @dataclass
@@ -103,82 +107,132 @@ class DetectorConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["anchor_sizes"] = list(self.anchor_sizes)
+        d["model_kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_kwargs.items()}
         return d
+
+
+@dataclass
+class DetectorOutput:
+    """Everything one detector forward produced, as locals of that forward (nothing is kept on the model).
+
+    Attributes:
+        losses: torchvision's loss terms, then ``loss_select`` (training; empty in eval).
+        detections: per image ``{"boxes", "labels", "scores"[, "masks"]}`` in the original frame (eval).
+        selections: the SPA blocks' records (empty for a dense backbone).
+        labels: ``stride -> [B, h, w]`` selection labels built from the targets in the frame the backbone saw
+            (empty without targets or SPA blocks).
+        image_sizes: each image's ``(h, w)`` after the detector's resize, before batch padding.
+        input_size: the padded batch's ``(H, W)``.
+        token_counts: per SPA stage, see :func:`spa.selection.token_counts` (empty without labels).
+    """
+
+    losses: dict[str, torch.Tensor]
+    detections: list[dict[str, torch.Tensor]]
+    selections: list[Selection]
+    labels: dict[int, torch.Tensor]
+    image_sizes: list[tuple[int, int]]
+    input_size: tuple[int, int]
+    token_counts: dict[int, torch.Tensor]
+
+
+def _check_targets(targets: list[dict[str, torch.Tensor]], batch: int) -> None:
+    if len(targets) != batch:
+        raise ValueError(f"got {len(targets)} targets for {batch} images")
+    for i, t in enumerate(targets):
+        boxes = t.get("boxes")
+        if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+            raise ValueError(f"target {i}: 'boxes' must be a [N, 4] tensor (xyxy), got {shape}")
+
+
+def _check_boxes_positive(targets: list[dict[str, torch.Tensor]]) -> None:
+    """torchvision's rule for detection targets: every box has a positive width and height (one check for
+    the whole batch)."""
+    boxes = [t["boxes"] for t in targets]
+    flat = torch.cat(boxes) if boxes else torch.zeros(0, 4)
+    bad = (flat[:, 2:] <= flat[:, :2]).any(1)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        image = torch.repeat_interleave(torch.tensor([len(b) for b in boxes]))[first]
+        raise ValueError(
+            f"every box needs a positive height and width; target {int(image)} has {flat[first].tolist()} (xyxy)"
+        )
 
 
 class SPADetector(nn.Module):
     """A torchvision two-stage detector whose training loss includes the selection loss.
 
-    ``forward(images, targets)`` follows torchvision: a loss dict in training, detections in eval
-    (``targets`` may also be given in eval; they are then resized like the images so that
-    ``object_masks()`` can tell object tokens from background tokens).
+    ``forward(images, targets)`` follows torchvision: a loss dict in training, detections in eval. It runs
+    the detector's transform, backbone (+ FPN), RPN and ROI heads itself (as ``GeneralizedRCNN.forward``
+    does), so the resized targets, the image sizes and the selections are locals of one forward; the
+    selection labels are built once, from the targets exactly as the backbone sees them, and serve the
+    loss and the kept-token counts. :meth:`forward_details` returns all of it (:class:`DetectorOutput`).
+    ``last_token_counts`` keeps the counts of the latest forward (for :meth:`training_stats`).
     """
 
-    def __init__(self, detector: nn.Module, config: DetectorConfig) -> None:
+    def __init__(self, detector: GeneralizedRCNN, config: DetectorConfig) -> None:
         super().__init__()
         self.detector = detector
         self.config = config
+        self.last_token_counts: dict[int, torch.Tensor] = {}
 
     @property
     def backbone(self) -> BackboneWithFPN:
         return self.detector.backbone
 
-    @property
-    def selections(self) -> list[Selection]:
-        """SPA records of the latest forward (empty for a dense backbone)."""
-        return self.backbone.selections
-
-    def selection_labels(self, stride: int) -> torch.Tensor:
-        """Labels ``[B, h, w]`` at ``stride`` from the latest forward's resized targets."""
-        transform = self.detector.transform
-        if transform.last_targets is None:
-            raise RuntimeError("the latest forward had no targets")
-        return batch_selection_labels(
-            transform.last_targets,
-            transform.last_input_size,
-            stride,
-            use_masks=self.config.use_masks_for_labels,
-            device=self.selections[0].own_logits.device if self.selections else None,
-        )
+    def forward_details(
+        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
+    ) -> DetectorOutput:
+        """One forward, everything it produced (see :class:`DetectorOutput`)."""
+        det = self.detector
+        if self.training and targets is None:
+            raise ValueError("training needs targets")
+        if targets is not None:
+            _check_targets(targets, len(images))
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        image_list, targets = det.transform(images, targets)
+        if targets is not None:
+            _check_boxes_positive(targets)
+        features, selections = self.backbone.forward_with_selections(image_list.tensors)
+        proposals, proposal_losses = det.rpn(image_list, features, targets)
+        detections, detector_losses = det.roi_heads(features, proposals, image_list.image_sizes, targets)
+        input_size = (int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))
+        image_sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]
+        labels: dict[int, torch.Tensor] = {}
+        if targets is not None and selections:
+            labels = {
+                s: batch_selection_labels(
+                    targets, input_size, s, use_masks=self.config.use_masks_for_labels,
+                    batch_size=len(images), device=selections[0].keep.device,
+                )
+                for s in sorted({sel.stride for sel in selections})
+            }  # fmt: skip
+        losses: dict[str, torch.Tensor] = {}
+        if self.training:
+            losses.update(detector_losses)
+            losses.update(proposal_losses)
+            if selections and self.config.supervise_gate:
+                losses.update(selection_loss(selections, labels, alpha=self.config.selection_alpha))
+            elif selections:  # the gate learns from the detection losses alone; the term logs as 0
+                losses[SELECT_LOSS_NAME] = selections[0].own_logits.new_zeros(())
+            detections = []
+        else:
+            detections = det.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        counts = token_counts(selections, labels, image_sizes) if labels else {}
+        return DetectorOutput(losses, detections, selections, labels, image_sizes, input_size, counts)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
-        self.detector.transform.last_targets = None
-        out = self.detector(images, targets)
-        if self.training and self.selections:
-            if self.config.supervise_gate:
-                out.update(
-                    selection_loss(self.selections, self.selection_labels, alpha=self.config.selection_alpha)
-                )
-            else:  # the gate learns from the detection losses alone; the term stays in the logs as 0
-                out[SELECT_LOSS_NAME] = self.selections[0].own_logits.new_zeros(())
-        return out
-
-    @torch.no_grad()
-    def token_counts(self) -> dict[int, torch.Tensor]:
-        """Per SPA stage, summed over its blocks: ``[kept object, object, kept background, background]``
-        tokens of the latest forward (which must have had targets), over the real image area only."""
-        out: dict[int, torch.Tensor] = {}
-        sizes = self.detector.transform.last_image_sizes
-        for sel in self.selections:
-            labels = self.selection_labels(sel.stride).to(sel.keep.device) > 0.5
-            valid = torch.zeros_like(labels)
-            for i, size in enumerate(sizes):
-                h, w = grid_size(size, sel.stride)
-                valid[i, :h, :w] = True
-            obj, bg = labels & valid, ~labels & valid
-            counts = torch.stack([(sel.keep & obj).sum(), obj.sum(), (sel.keep & bg).sum(), bg.sum()])
-            out[sel.stage] = out.get(sel.stage, 0) + counts.double().cpu()
-        return out
+        out = self.forward_details(images, targets)
+        self.last_token_counts = out.token_counts
+        return out.losses if self.training else out.detections
 
     @torch.no_grad()
     def training_stats(self) -> dict[str, float]:
         """Kept-token ratio per SPA stage on object and on background tokens in the latest forward."""
         stats: dict[str, float] = {}
-        if not self.selections or self.detector.transform.last_targets is None:
-            return stats
-        for stage, c in sorted(self.token_counts().items()):
-            stats[f"keep_obj_stage{stage + 1}"] = float(c[0] / c[1]) if c[1] else float("nan")
-            stats[f"keep_bg_stage{stage + 1}"] = float(c[2] / c[3]) if c[3] else float("nan")
+        for stage, ratios in keep_ratios(self.last_token_counts).items():
+            stats[f"keep_obj_stage{stage + 1}"] = ratios["object"]
+            stats[f"keep_bg_stage{stage + 1}"] = ratios["background"]
         return stats
 
 
@@ -188,7 +242,7 @@ def build_detector(config: DetectorConfig | None = None, **overrides: Any) -> SP
         config = DetectorConfig(**overrides)
     elif overrides:
         config = DetectorConfig(**{**asdict(config), **overrides})
-    body = build_body(config.model, config.img_size, **config.model_kwargs)
+    body = create_backbone(config.model, features_only=True, img_size=config.img_size, **config.model_kwargs)
     backbone = BackboneWithFPN(body, config.fpn_channels)
     anchors = AnchorGenerator(tuple((s,) for s in config.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     rep, ch, classes = config.representation_size, config.fpn_channels, config.num_classes + 1
@@ -211,7 +265,71 @@ def build_detector(config: DetectorConfig | None = None, **overrides: Any) -> SP
         )
     else:
         detector = FasterRCNN(backbone, **common)
-    old = detector.transform
-    detector.transform = _RecordingTransform(old.min_size, old.max_size, old.image_mean, old.image_std)
-    detector.transform.last_targets = None
     return SPADetector(detector, config)
+
+
+class DetectionTask:
+    """``--task detect``: what ``spa train`` / ``spa eval`` need from detection (see :mod:`spa.tasks.base`)."""
+
+    name = "detect"
+    meta_key = "detector"
+
+    def datasets(self, cfg: Any) -> tuple[Any, Any]:
+        """``(train, val)``: train with box-aware augmentation, val untransformed (evaluated at full size)."""
+        from spa.data import detection_transforms
+        from spa.data.specs import open_detection
+
+        transforms = detection_transforms(train=True, size=cfg.img_size)
+        train = open_detection(cfg.data, "train", transforms, cfg.builtin_options())
+        return train, self.eval_dataset(cfg)
+
+    def eval_dataset(self, cfg: Any, model: SPADetector | None = None) -> Any:
+        """The evaluation set alone (no training split needed); checked against ``model``'s classes."""
+        from spa.data.specs import open_detection_eval
+
+        val = open_detection_eval(cfg.data, cfg.val_data, cfg.builtin_options())
+        if model is not None and val.num_classes != model.config.num_classes:
+            raise ValueError(
+                f"the model was trained for {model.config.num_classes} classes but "
+                f"{cfg.val_data or cfg.data} has {val.num_classes}"
+            )
+        return val
+
+    def model_config(self, cfg: Any, train_set: Any) -> DetectorConfig:
+        from spa.config import config_from
+
+        return config_from(
+            DetectorConfig,
+            cfg,
+            num_classes=train_set.num_classes,
+            min_size=cfg.min_size or cfg.img_size,
+            max_size=cfg.max_size or cfg.img_size,
+            model_kwargs=cfg.model_kwargs(),
+        )
+
+    def build(self, config: DetectorConfig) -> SPADetector:
+        return build_detector(config)
+
+    def config_from_meta(self, stored: dict[str, Any]) -> DetectorConfig:
+        return DetectorConfig(**stored)
+
+    def describe(self, config: DetectorConfig) -> str:
+        return f"{config.model} + {config.detector}"
+
+    @property
+    def collate(self) -> Any:
+        from spa.data import collate_detection
+
+        return collate_detection
+
+    def evaluate(
+        self, model: SPADetector, dataset: Any, batch_size: int, device: Any, progress: bool
+    ) -> dict:
+        from spa.tasks.evaluation import evaluate_detection
+
+        return evaluate_detection(model, dataset, batch_size=batch_size, device=device, progress=progress)
+
+    def format(self, result: dict[str, Any]) -> str:
+        from spa.tasks.evaluation import format_metrics
+
+        return format_metrics(result)

@@ -1,129 +1,100 @@
-"""Detection evaluation: COCO metrics (pycocotools), kept-token ratios on object/background tokens, GMACs."""
+"""Evaluation loops: detection (COCO AP) and classification (top-k / mAP), with kept-token ratios on object
+and background tokens and the backbone's GMACs, counted during the model's own forward (no second pass).
+
+The metrics themselves live in :mod:`spa.tasks.metrics`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
-from pycocotools.cocoeval import COCOeval
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from spa.flops import counting_macs
-from spa.tasks.detection import SPADetector
+from spa.selection import keep_ratios
+from spa.tasks.metrics import (
+    COCO_METRICS,
+    coco_ground_truth,
+    coco_metrics,
+    mean_average_precision,
+    to_coco_results,
+    topk_accuracy,
+)
 
 __all__ = [
     "COCO_METRICS",
     "coco_ground_truth",
     "coco_metrics",
+    "evaluate_classification",
     "evaluate_detection",
+    "format_classification_metrics",
     "format_metrics",
     "to_coco_results",
 ]
 
-COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+def _batches(
+    model: nn.Module,
+    body: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    collate_fn: Callable,
+    count_gmacs: bool,
+    progress: bool,
+    exclude: list[nn.Module] | None = None,
+) -> Iterator[tuple[Any, Any, Any]]:
+    """Yield ``(images, targets, tally)`` batches in eval mode, MACs of ``body`` counted by hooks during the
+    model's forward (the caller adds the images it ran to ``tally.images``); ``tally`` is None when not
+    counting. Raises ``ValueError`` for an empty set."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    iterator: Any = loader
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc="eval", dynamic_ncols=True)
+    counting = (
+        counting_macs(body, count_images=False, exclude=exclude or ())
+        if count_gmacs
+        else contextlib.nullcontext()
+    )
+    seen = 0
+    with counting as tally:
+        for images, targets in iterator:
+            seen += len(images)
+            yield images, targets, tally
+    if seen == 0:
+        raise ValueError("the evaluation set is empty")
 
 
-def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str = "bbox") -> dict[str, float]:
-    """COCO AP/AP50/AP75/APs/APm/APl of ``results`` (COCO result dicts) against ``coco_gt`` (pycocotools).
-
-    No detections give zeros (pycocotools cannot load an empty result list). As in pycocotools, a
-    size range without ground truth (e.g. no large objects) reports ``-1``.
-    """
-    if not results:
-        return dict.fromkeys(COCO_METRICS, 0.0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {k: float(v) for k, v in zip(COCO_METRICS, evaluator.stats[:6])}
+def _add(total: dict[int, torch.Tensor], counts: dict[int, torch.Tensor]) -> None:
+    for stage, c in counts.items():
+        total[stage] = total[stage] + c if stage in total else c
 
 
-def coco_ground_truth(dataset: Any) -> tuple[Any, dict[int, int]]:
-    """``(pycocotools COCO, label -> category id)`` of a dataset: its own ``coco`` when it has one (COCO json,
-    built-in set), else one built from its untransformed targets (e.g. Pascal VOC; labels are the ids).
-
-    A dataset that leaves VOC ``difficult`` objects out of its targets is read with them included (as
-    ``iscrowd=1``), so that detections of difficult objects are ignored, as VOC evaluation does, instead of
-    counted as false positives.
-    """
-    if hasattr(dataset, "coco") and hasattr(dataset, "label_to_cat_id"):
-        return dataset.coco, dataset.label_to_cat_id
-    from pycocotools.coco import COCO
-
-    if getattr(dataset, "include_difficult", True) is False:
-        dataset = copy.copy(dataset)
-        dataset.include_difficult = True
-
-    images, annotations = [], []
-    for index in range(len(dataset)):
-        image, target = dataset[index]
-        image_id = int(target["image_id"])
-        images.append({"id": image_id, "height": int(image.shape[-2]), "width": int(image.shape[-1])})
-        crowd = target.get("iscrowd", torch.zeros(len(target["labels"]), dtype=torch.long))
-        for box, label, is_crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), crowd.tolist()):
-            x1, y1, x2, y2 = box
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(label),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
-                    "iscrowd": int(is_crowd),
-                }
-            )
-    names = getattr(dataset, "class_names", None) or [str(i) for i in range(1, dataset.num_classes + 1)]
-    coco = COCO()
-    coco.dataset = {
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco, {i + 1: i + 1 for i in range(len(names))}
-
-
-def to_coco_results(
-    prediction: dict[str, torch.Tensor], image_id: int, label_to_cat_id: dict[int, int]
-) -> tuple[list[dict], list[dict]]:
-    """Box and (if present) mask results of one image in COCO result format."""
-    boxes = prediction["boxes"].detach().cpu()
-    scores = prediction["scores"].detach().cpu().tolist()
-    labels = prediction["labels"].detach().cpu().tolist()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-    box_results, mask_results = [], []
-    for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
-        base = {"image_id": image_id, "category_id": label_to_cat_id[int(label)], "score": float(score)}
-        box_results.append({**base, "bbox": [round(v, 3) for v in box]})
-        if "masks" in prediction:
-            binary = (prediction["masks"][i, 0] > 0.5).cpu().numpy().astype(np.uint8)
-            rle = mask_utils.encode(np.asfortranarray(binary))
-            rle["counts"] = rle["counts"].decode("ascii")
-            mask_results.append({**base, "segmentation": rle})
-    return box_results, mask_results
+def _gmacs(tally: Any) -> dict[str, float]:
+    count = tally.result()
+    return {"kept": count.kept, "executed": count.executed}
 
 
 @torch.no_grad()
 def evaluate_detection(
-    model: SPADetector,
+    model: Any,
     dataset: Any,
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     count_gmacs: bool = True,
     progress: bool = False,
-    collate_fn: Any = None,
+    collate_fn: Callable | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on an untransformed detection dataset (COCO json, built-in set, VOC, ...).
+    """Evaluate an :class:`~spa.tasks.SPADetector` on an untransformed detection dataset (COCO json,
+    built-in set, VOC, ...).
 
     Returns ``{"bbox": {...}, "segm": {...} (Mask R-CNN), "keep": {stage: {"object", "background"}},
     "gmacs": {"kept", "executed"}, "images": n}``.
@@ -131,57 +102,101 @@ def evaluate_detection(
     from spa.data import collate_detection
 
     coco_gt, label_to_cat_id = coco_ground_truth(dataset)
-    model.eval().to(device)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or collate_detection
-    )
+    model.to(device)
     boxes: list[dict] = []
     masks: list[dict] = []
     tokens: dict[int, torch.Tensor] = {}
-    seen = 0
-    iterator: Sequence = loader
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(loader, desc="eval", dynamic_ncols=True)
-    # the backbone's MACs are counted by hooks during the detector's own forward (no second pass)
-    counting = (
-        counting_macs(model.backbone.body, count_images=False) if count_gmacs else contextlib.nullcontext()
+    seen, tally = 0, None
+    batches = _batches(
+        model,
+        model.backbone.body,
+        dataset,
+        batch_size,
+        collate_fn or collate_detection,
+        count_gmacs,
+        progress,
     )
-    with counting as tally:
-        for images, targets in iterator:
-            images = [im.to(device) for im in images]
-            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            predictions = model(images, targets)
-            for stage, counts in model.token_counts().items():
-                tokens[stage] = tokens.get(stage, torch.zeros(4, dtype=torch.float64)) + counts
-            for prediction, target in zip(predictions, targets):
-                b, m = to_coco_results(prediction, int(target["image_id"]), label_to_cat_id)
-                boxes += b
-                masks += m
-            seen += len(images)
-            if tally is not None:
-                tally.images += len(images)
-    if seen == 0:
-        raise ValueError("the evaluation set is empty")
+    for images, targets, tally in batches:
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        out = model.forward_details(images, targets)
+        _add(tokens, out.token_counts)
+        for prediction, target in zip(out.detections, targets):
+            b, m = to_coco_results(prediction, int(target["image_id"]), label_to_cat_id)
+            boxes += b
+            masks += m
+        seen += len(images)
+        if tally is not None:
+            tally.images += len(images)
     result: dict[str, Any] = {"images": seen, "bbox": coco_metrics(coco_gt, boxes, "bbox")}
     if model.config.detector == "mask_rcnn":
         result["segm"] = coco_metrics(coco_gt, masks, "segm")
     result["keep"] = {
-        f"stage{stage + 1}": {
-            "object": float(c[0] / c[1]) if c[1] else math.nan,
-            "background": float(c[2] / c[3]) if c[3] else math.nan,
-        }
-        for stage, c in sorted(tokens.items())
+        f"stage{stage + 1}": {"object": r["object"], "background": r["background"]}
+        for stage, r in keep_ratios(tokens).items()
     }
     if count_gmacs:
-        count = tally.result()
-        result["gmacs"] = {"kept": count.kept, "executed": count.executed}
+        result["gmacs"] = _gmacs(tally)
     return result
 
 
+@torch.no_grad()
+def evaluate_classification(
+    model: Any,
+    dataset: Dataset,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    count_gmacs: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate an :class:`~spa.tasks.SPAClassifier` on a classification dataset (items ``(image,
+    {"label", ["boxes"]})``).
+
+    Returns ``{"images", "task", "top1"/"top5" or "mAP"/"AP", "keep": {stageN: {"all", "object",
+    "background"}}, "keep_mean", "gmacs": {"kept", "executed"}}`` (object/background NaN without boxes;
+    ``keep_mean`` averages the SPA stages' kept ratios, 1.0 for a dense model). The backbone's MACs leave
+    the classifier head out.
+    """
+    from spa.data import collate_classification
+
+    model.to(device)
+    all_logits, all_labels = [], []
+    tokens: dict[int, torch.Tensor] = {}
+    seen, tally = 0, None
+    batches = _batches(
+        model, model.backbone, dataset, batch_size, collate_classification, count_gmacs, progress,
+        exclude=[model.backbone.get_classifier()],
+    )  # fmt: skip
+    for images, targets, tally in batches:
+        out = model.forward_details(images.to(device), targets)
+        _add(tokens, out.token_counts)
+        all_logits.append(out.logits.float().cpu())
+        all_labels.append(torch.stack([torch.as_tensor(t["label"]) for t in targets]).cpu())
+        seen += len(images)
+        if tally is not None:
+            tally.images += len(images)
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    result: dict[str, Any] = {"images": seen, "task": model.config.task}
+    if model.config.task == "classify":
+        result.update(topk_accuracy(logits, labels))
+    else:
+        result.update(mean_average_precision(logits.sigmoid(), labels, model.config.class_names or None))
+    result["keep"] = {f"stage{stage + 1}": r for stage, r in keep_ratios(tokens).items()}
+    result["keep_mean"] = float(np.mean([v["all"] for v in result["keep"].values()])) if tokens else 1.0
+    if count_gmacs:
+        result["gmacs"] = _gmacs(tally)
+    return result
+
+
+def _gmacs_line(result: dict[str, Any]) -> list[str]:
+    if "gmacs" not in result:
+        return []
+    g = result["gmacs"]
+    return [f"backbone GMACs/image: kept {g['kept']:.4f}, executed {g['executed']:.4f}"]
+
+
 def format_metrics(result: dict[str, Any]) -> str:
-    """A printable table of ``evaluate_detection`` output."""
+    """A printable table of :func:`evaluate_detection` output."""
     lines = [f"images: {result['images']}"]
     for kind in ("bbox", "segm"):
         if kind in result:
@@ -190,8 +205,21 @@ def format_metrics(result: dict[str, Any]) -> str:
         lines.append(
             f"kept {stage}: object tokens {keep['object']:.3f}, background tokens {keep['background']:.3f}"
         )
-    if "gmacs" in result:
+    return "\n".join(lines + _gmacs_line(result))
+
+
+def format_classification_metrics(result: dict[str, Any]) -> str:
+    """A printable table of :func:`evaluate_classification` output."""
+    lines = [f"images: {result['images']} ({result['task']})"]
+    if result["task"] == "classify":
+        lines.append(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}")
+    else:
         lines.append(
-            f"backbone GMACs/image: kept {result['gmacs']['kept']:.4f}, executed {result['gmacs']['executed']:.4f}"
+            f"mAP {result['mAP']:.4f}  " + "  ".join(f"{k} {v:.3f}" for k, v in result["AP"].items())
         )
-    return "\n".join(lines)
+    for stage, keep in result.get("keep", {}).items():
+        line = f"kept {stage}: all tokens {keep['all']:.3f}"
+        if not math.isnan(keep["object"]):
+            line += f", object tokens {keep['object']:.3f}, background tokens {keep['background']:.3f}"
+        lines.append(line)
+    return "\n".join(lines + _gmacs_line(result))

@@ -11,7 +11,7 @@ import torch
 
 from spa.data import builtin_dataset, collate_detection, detection_transforms
 from spa.engine import TrainConfig, Trainer, init_distributed
-from spa.engine.commands import set_keep_threshold
+from spa.gate import set_keep_threshold
 from spa.tasks import build_detector
 
 
@@ -31,7 +31,7 @@ def main(data_dir: str, out_dir: str) -> None:
 
     def step(images, targets):
         record = original(images, targets)
-        kept.append([int(s.keep.sum()) for s in model.selections])
+        kept.append([int(s.keep.sum()) for s in model.backbone.body.last_selections])
         return record
 
     trainer.train_step = step

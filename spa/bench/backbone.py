@@ -1,19 +1,13 @@
-"""Benchmarks: ``spa bench block`` (one SPA block vs timm's Swin block) and ``spa bench backbone``.
+"""``spa bench backbone``: whole backbones, SPT against its dense Swin baseline.
 
-``spa bench block`` method: every configuration is warmed up, then all configurations are timed in interleaved
-rounds (one call each per round, in a shuffled order), so that machine noise hits them alike. A configuration's
-``ms`` is the median over rounds; ``ratio_to_dense`` is the median over rounds of its time divided by the
-dense block's time in the same round. Keep ratios are forced with ``select='topk'`` (the gate's top
-tokens, the same count in every image).
+Method: whole ``features_only`` backbones (``spa.models.create_backbone``: SPT variants and their dense timm Swin
+baselines of the same width, random weights, drop path off) on random images.
 
-``spa bench backbone`` method: whole ``features_only`` backbones (``spa.tasks.build_body``: SPT variants and
-their dense timm Swin baselines of the same width, random weights, drop path off) on random images.
-
-- Timing: one worker process per (size, batch size) (``python -m spa.bench _worker``) builds every model
-  once, then times all configurations (dense and SPT, train step and inference) in the same interleaved,
-  shuffled rounds as ``bench block``, after ``warmup`` calls each. A train step is forward + backward of the
-  backbone alone with the loss ``sum`` of every output map (``zero_grad`` included, no optimizer); inference
-  is a forward under ``torch.inference_mode`` in eval mode. ``*_img_s`` = batch / median time;
+- Timing: one worker process per (size, batch size) (``python -m spa.bench _worker``, see ``_worker_main``)
+  builds every model once, then times all configurations (dense and SPT, train step and inference) in the
+  same interleaved, shuffled rounds as ``bench block`` (``spa.bench.timing``), after ``warmup`` calls each.
+  A train step is forward + backward of the backbone alone with the loss ``sum`` of every output map
+  (``zero_grad`` included, no optimizer); inference is a forward under ``torch.inference_mode`` in eval mode. ``*_img_s`` = batch / median time;
   ``train_ratio_to_dense`` / ``infer_ratio_to_dense`` = median over rounds of (this configuration's time /
   the dense baseline's time in the same round): a TIME ratio, below 1 means faster than dense. Dense
   records have ratio 1.0. SPT configurations switch ``select``/``keep_ratio``/``layout`` on the same model
@@ -33,15 +27,11 @@ their dense timm Swin baselines of the same width, random weights, drop path off
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import random
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -49,191 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spa.attention import BACKENDS
+from spa.bench.timing import environment, interleaved_rounds, median_ratio
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
 
-__all__ = ["bench_backbone", "bench_block", "format_backbone_table", "register"]
-
-
-def _timeit(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def _step(block: nn.Module, x: torch.Tensor, backward: bool, spa: bool) -> Callable[[], None]:
-    def run() -> None:
-        if backward:
-            block.zero_grad(set_to_none=True)
-            xi = x.detach().requires_grad_(True)
-            out = block(xi)
-            out = out[0] if spa else out
-            out.float().sum().backward()
-        else:
-            with torch.inference_mode():
-                out = block(x)
-
-    return run
-
-
-def bench_block(
-    batch_size: int = 16,
-    resolution: int = 14,
-    dim: int = 384,
-    num_heads: int = 12,
-    window_size: int = 7,
-    shift: bool = False,
-    keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2),
-    layouts: tuple[str, ...] = LAYOUTS,
-    backend: str = "auto",
-    passes: tuple[str, ...] = ("fwd", "fwd+bwd"),
-    rounds: int = 7,
-    warmup: int = 2,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-) -> list[dict]:
-    """Time an SPA block (gate, pack, attention, FFN on kept tokens, unpack) against timm's Swin block.
-
-    Returns one record per configuration with ``layout`` (``dense`` for timm), ``keep_ratio``, ``pass``,
-    ``ms`` (median), ``ratio_to_dense``, ``padding_fraction``, ``containers``, ``kept_fraction`` (tokens
-    actually kept: ``select='topk'`` keeps ``ceil(keep_ratio * H * W)`` per image) and the attention
-    ``backend`` (SPA blocks).
-    """
-    from timm.models.swin_transformer import SwinTransformerBlock
-
-    torch.manual_seed(seed)
-    shift_size = window_size // 2 if shift else 0
-    res = (resolution, resolution)
-    dense = SwinTransformerBlock(dim, res, num_heads, window_size=window_size, shift_size=shift_size)
-    x = torch.randn(batch_size, resolution, resolution, dim)
-    configs: list[dict] = []
-    for pass_name in passes:
-        backward = pass_name == "fwd+bwd"
-        dense.train(backward)
-        configs.append(
-            {"layout": "dense", "keep_ratio": 1.0, "pass": pass_name, "run": _step(dense, x, backward, False)}
-        )
-        for layout in layouts:
-            for ratio in keep_ratios:
-                block = SPABlock(
-                    dim, res, num_heads, window_size=window_size, shift_size=shift_size,
-                    select="topk", keep_ratio=ratio, layout=layout, backend=backend,
-                )  # fmt: skip
-                block.load_state_dict(dense.state_dict(), strict=False)
-                block.train(backward)
-                with torch.no_grad():
-                    block(x)
-                packed = block.last_packed
-                configs.append(
-                    {
-                        "layout": layout,
-                        "keep_ratio": ratio,
-                        "pass": pass_name,
-                        "padding_fraction": round(packed.padding_fraction, 4),
-                        "kept_fraction": round(packed.num_kept / (batch_size * resolution**2), 4),
-                        "containers": packed.num_containers,
-                        "backend": backend,
-                        "run": _step(block, x, backward, True),
-                    }
-                )
-    for i, cfg in enumerate(configs):
-        for _ in range(warmup):
-            cfg["run"]()
-        if progress:
-            progress(f"warm-up {i + 1}/{len(configs)}")
-    times: list[list[float]] = [[] for _ in configs]
-    rng = random.Random(seed)
-    for r in range(rounds):
-        order = list(range(len(configs)))
-        rng.shuffle(order)
-        for i in order:
-            times[i].append(_timeit(configs[i]["run"]))
-        if progress:
-            progress(f"round {r + 1}/{rounds}")
-    dense_index = {cfg["pass"]: i for i, cfg in enumerate(configs) if cfg["layout"] == "dense"}
-    records = []
-    for i, cfg in enumerate(configs):
-        ref = times[dense_index[cfg["pass"]]]
-        ratios = [t / d for t, d in zip(times[i], ref)]
-        record = {k: v for k, v in cfg.items() if k != "run"}
-        record.update(
-            ms=round(statistics.median(times[i]), 3),
-            ratio_to_dense=round(statistics.median(ratios), 4),
-            batch_size=batch_size,
-            resolution=resolution,
-            dim=dim,
-            num_heads=num_heads,
-            window_size=window_size,
-            shift=shift,
-            rounds=rounds,
-        )
-        records.append(record)
-    return records
-
-
-def environment() -> dict:
-    """The machine a benchmark ran on."""
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": "cpu",
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-    }
-
-
-def format_table(records: list[dict]) -> str:
-    """Markdown table of ``bench_block`` records."""
-    lines = [
-        "| pass | layout | keep ratio | kept | ms (median) | ratio to dense | padding | containers |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in records:
-        lines.append(
-            f"| {r['pass']} | {r['layout']} | {r['keep_ratio']:.2f} | {r.get('kept_fraction', 1.0):.3f} "
-            f"| {r['ms']:.1f} | {r['ratio_to_dense']:.3f} | {r.get('padding_fraction', 0.0):.3f} "
-            f"| {r.get('containers', '')} |"
-        )
-    return "\n".join(lines)
-
-
-def _run_block(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    records = bench_block(
-        batch_size=args.batch_size,
-        resolution=args.resolution,
-        dim=args.dim,
-        num_heads=args.heads,
-        window_size=args.window,
-        shift=args.shift,
-        keep_ratios=tuple(float(r) for r in args.keep_ratios.split(",")),
-        layouts=tuple(args.layouts.split(",")),
-        backend=args.backend,
-        rounds=args.rounds,
-        progress=lambda msg: print(f"[bench block] {msg}", flush=True),
-    )
-    print(format_table(records))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"environment": environment(), "records": records}, indent=2))
-        print(f"wrote {path}")
-    return 0
-
-
-# -- spa bench backbone ----------------------------------------------------------------------------
+__all__ = ["REQUIRED_KEYS", "SPT_KEEP_RATIOS", "bench_backbone", "format_backbone_table"]
 
 SPT_KEEP_RATIOS = (1.0, 0.5, 0.3, 0.2)
 REQUIRED_KEYS = (
     "model", "size", "batch_size", "select", "keep_ratio", "layout", "gmacs_kept", "gmacs_executed",
     "train_img_s", "infer_img_s", "peak_rss_mb", "train_ratio_to_dense", "infer_ratio_to_dense",
 )  # fmt: skip
-
-
-def _dense_name(model: str) -> str:
-    return model.replace("spt_", "swin_") if model.startswith("spt_") else model
 
 
 def _backbone_configs(
@@ -244,46 +60,45 @@ def _backbone_configs(
     checkpoint_model: str | None,
 ) -> list[dict]:
     """Configurations to time in one (size, batch) worker; every SPT width gets its dense baseline."""
-    from spa.tasks.backbones import BACKBONES
+    from spa.models import dense_baseline_of, is_spt_name, list_backbones
 
     configs: list[dict] = []
     dense: list[str] = []
     for name in models:
-        if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
-        if name.startswith("spt_"):
+        if name not in list_backbones():
+            raise ValueError(f"unknown backbone {name!r}; choose from {list_backbones()}")
+        if is_spt_name(name):
             for layout in layouts:
                 for ratio in keep_ratios:
                     configs.append(
                         {"model": name, "select": "topk", "keep_ratio": float(ratio), "layout": layout}
                     )
-        if _dense_name(name) not in dense:
-            dense.append(_dense_name(name))
+        if dense_baseline_of(name) not in dense:
+            dense.append(dense_baseline_of(name))
     if checkpoint:
         for layout in layouts:
             configs.append(
                 {"model": checkpoint_model, "select": "gate", "keep_ratio": None, "layout": layout,
                  "checkpoint": str(checkpoint)}
             )  # fmt: skip
-        if _dense_name(checkpoint_model) not in dense:
-            dense.append(_dense_name(checkpoint_model))
+        if dense_baseline_of(checkpoint_model) not in dense:
+            dense.append(dense_baseline_of(checkpoint_model))
     configs = [{"model": d, "select": "dense", "keep_ratio": 1.0, "layout": "dense"} for d in dense] + configs
     for cfg in configs:
         cfg.setdefault("checkpoint", None)
-        cfg["dense_model"] = _dense_name(cfg["model"])
+        cfg["dense_model"] = dense_baseline_of(cfg["model"])
     return configs
 
 
 def _build_backbone(cfg: dict, size: int) -> nn.Module:
-    from spa.tasks.backbones import build_body
+    from spa.models import create_backbone
 
     if cfg.get("checkpoint"):
-        from spa.engine.commands import load_detector
+        from spa.tasks.base import load_model
 
-        return load_detector(cfg["checkpoint"])[0].backbone.body
-    if cfg["select"] == "dense":
-        return build_body(cfg["model"], size, drop_path_rate=0.0)
-    return build_body(cfg["model"], size, drop_path_rate=0.0, select="topk", keep_ratio=cfg["keep_ratio"])
+        return load_model(cfg["checkpoint"], task="detect")[0].backbone.body
+    options = {} if cfg["select"] == "dense" else {"select": "topk", "keep_ratio": cfg["keep_ratio"]}
+    return create_backbone(cfg["model"], features_only=True, img_size=size, drop_path_rate=0.0, **options)
 
 
 def _configure(model: nn.Module, cfg: dict) -> None:
@@ -342,7 +157,7 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> list[dict]:
     x = _inputs(spec)
     models: dict[tuple, nn.Module] = {}
     results: list[dict] = []
-    runs: list[tuple[int, str, Callable[[], None]]] = []
+    runs: dict[tuple[int, str], Callable[[], None]] = {}
     for i, cfg in enumerate(spec["configs"]):
         key = (cfg["model"], cfg["select"] == "dense", cfg.get("checkpoint"))
         if key not in models:
@@ -358,28 +173,18 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> list[dict]:
                 "gmacs_kept": round(macs.kept, 4),
                 "gmacs_executed": round(macs.executed, 4),
                 "kept_ratio_measured": round(kept, 4),
-                "train_ms": [],
-                "infer_ms": [],
             }
         )
 
         def run(step: Callable, model: nn.Module = model, cfg: dict = cfg) -> Callable[[], None]:
             return lambda: (_configure(model, cfg), step(model, x))
 
-        runs.append((i, "train_ms", run(_train_step)))
-        runs.append((i, "infer_ms", run(_infer_step)))
-    for n, (_, _, fn) in enumerate(runs):
-        for _ in range(spec["warmup"]):
-            fn()
-        progress(f"size {size} batch {batch}: warm-up {n + 1}/{len(runs)}")
-    rng = random.Random(spec.get("seed", 0))
-    for r in range(spec["rounds"]):
-        order = list(range(len(runs)))
-        rng.shuffle(order)
-        for j in order:
-            i, key, fn = runs[j]
-            results[i][key].append(_timeit(fn))
-        progress(f"size {size} batch {batch}: round {r + 1}/{spec['rounds']}")
+        runs[(i, "train_ms")] = run(_train_step)
+        runs[(i, "infer_ms")] = run(_infer_step)
+    say = lambda msg: progress(f"size {size} batch {batch}: {msg}")  # noqa: E731
+    times = interleaved_rounds(runs, spec["rounds"], spec["warmup"], spec.get("seed", 0), say)
+    for (i, key), ms in times.items():
+        results[i][key] = ms
     return results
 
 
@@ -419,7 +224,7 @@ def _run_worker(spec: dict, workdir: Path, name: str, quiet: bool = False) -> ob
     spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     threads = str(spec.get("threads", 2))
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
@@ -430,10 +235,6 @@ def _run_worker(spec: dict, workdir: Path, name: str, quiet: bool = False) -> ob
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(out_path.read_text())
-
-
-def _median_ratio(times: list[float], ref: list[float]) -> float:
-    return round(statistics.median(t / d for t, d in zip(times, ref)), 4)
 
 
 def bench_backbone(
@@ -476,7 +277,9 @@ def bench_backbone(
         from spa.engine.checkpoint import load_checkpoint
 
         checkpoint_model = load_checkpoint(checkpoint)["meta"]["detector"]["model"]
-        if not checkpoint_model.startswith("spt_"):
+        from spa.models import is_spt_name
+
+        if not is_spt_name(checkpoint_model):
             raise ValueError(f"{checkpoint} holds a dense {checkpoint_model}; a trained SPT gate is needed")
     image_paths: list[str] = []
     if images:
@@ -536,8 +339,8 @@ def bench_backbone(
                         infer_ms=round(infer_ms, 2),
                         train_img_s=round(batch * 1e3 / train_ms, 3),
                         infer_img_s=round(batch * 1e3 / infer_ms, 3),
-                        train_ratio_to_dense=_median_ratio(res["train_ms"], ref["train_ms"]),
-                        infer_ratio_to_dense=_median_ratio(res["infer_ms"], ref["infer_ms"]),
+                        train_ratio_to_dense=round(median_ratio(res["train_ms"], ref["train_ms"]), 4),
+                        infer_ratio_to_dense=round(median_ratio(res["infer_ms"], ref["infer_ms"]), 4),
                         gmacs_kept_ratio_to_dense=round(res["gmacs_kept"] / ref["gmacs_kept"], 4),
                         gmacs_executed_ratio_to_dense=round(res["gmacs_executed"] / ref_macs, 4),
                         **rss[i],
@@ -567,83 +370,3 @@ def format_backbone_table(records: list[dict]) -> str:
             f"| {r['infer_img_s']:.2f} | {r['train_ratio_to_dense']:.3f} | {r['infer_ratio_to_dense']:.3f} | {rss} |"
         )
     return "\n".join(lines)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _run_backbone(args: argparse.Namespace) -> int:
-    quick = args.quick
-    records = bench_backbone(
-        models=[m.strip() for m in args.models.split(",") if m.strip()],
-        sizes=_ints(args.sizes) if args.sizes else ([64] if quick else [224, 512]),
-        batch_sizes=_ints(args.batch_sizes) if args.batch_sizes else ([1, 2] if quick else [1, 8]),
-        keep_ratios=[float(r) for r in args.keep_ratios.split(",")],
-        layouts=[lay.strip() for lay in args.layouts.split(",")],
-        checkpoint=args.checkpoint,
-        images=args.images,
-        rounds=args.rounds or (2 if quick else 5),
-        warmup=1,
-        threads=args.threads,
-        memory=not args.no_memory,
-        progress=lambda msg: print(f"[bench backbone] {msg}", flush=True),
-    )
-    print(format_backbone_table(records))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(records, indent=2))
-        print(f"wrote {path}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``spa bench ...`` to the CLI."""
-    bench = subparsers.add_parser("bench", help="benchmarks")
-    kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
-    block = kinds.add_parser("block", help="one SPA block vs timm's dense Swin block (stage-3 shape)")
-    block.add_argument("--json", help="write records to this JSON file")
-    block.add_argument("--batch-size", type=int, default=16)
-    block.add_argument("--resolution", type=int, default=14, help="feature map side (tokens)")
-    block.add_argument("--dim", type=int, default=384)
-    block.add_argument("--heads", type=int, default=12)
-    block.add_argument("--window", type=int, default=7)
-    block.add_argument("--shift", action="store_true", help="benchmark a shifted-window block")
-    block.add_argument("--keep-ratios", default="1.0,0.5,0.3,0.2")
-    block.add_argument("--layouts", default=",".join(LAYOUTS))
-    block.add_argument(
-        "--backend", default="auto", choices=BACKENDS, help="attention backend of the SPA block"
-    )
-    block.add_argument("--rounds", type=int, default=7)
-    block.add_argument("--threads", type=int, default=2)
-    block.set_defaults(func=_run_block)
-
-    bb = kinds.add_parser(
-        "backbone", help="whole backbones: SPT vs its dense Swin baseline (GMACs, img/s, memory)"
-    )
-    bb.add_argument("--models", default="spt_tiny,swin_tiny", help="comma list of spt_*/swin_* backbones")
-    bb.add_argument("--sizes", default=None, help="image sides, comma list (default 224,512; --quick: 64)")
-    bb.add_argument("--batch-sizes", default=None, help="comma list (default 1,8; --quick: 1,2)")
-    bb.add_argument("--keep-ratios", default=",".join(str(r) for r in SPT_KEEP_RATIOS))
-    bb.add_argument("--layouts", default=",".join(LAYOUTS))
-    bb.add_argument("--checkpoint", help="detection checkpoint: also benchmark its trained gate")
-    bb.add_argument(
-        "--images", nargs="+", help="image files/folders to benchmark on (default: random normal images)"
-    )
-    bb.add_argument(
-        "--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 2)"
-    )
-    bb.add_argument("--threads", type=int, default=2)
-    bb.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-RSS processes")
-    bb.add_argument("--quick", action="store_true", help="fewer rounds, small sizes (for tests)")
-    bb.add_argument("--json", help="write the list of records to this JSON file")
-    bb.set_defaults(func=_run_backbone)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "_worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    from spa.cli import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))

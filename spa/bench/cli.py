@@ -1,0 +1,115 @@
+"""``spa bench block|backbone``: the command-line front of ``spa.bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from spa.attention import BACKENDS
+from spa.bench.backbone import SPT_KEEP_RATIOS, bench_backbone, format_backbone_table
+from spa.bench.block import bench_block, format_table
+from spa.bench.timing import environment
+from spa.packing import LAYOUTS
+
+__all__ = ["register"]
+
+
+def _write_json(path: str, data: object) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    print(f"wrote {out}")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _run_block(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = bench_block(
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        dim=args.dim,
+        num_heads=args.heads,
+        window_size=args.window,
+        shift=args.shift,
+        keep_ratios=tuple(float(r) for r in args.keep_ratios.split(",")),
+        layouts=tuple(args.layouts.split(",")),
+        backend=args.backend,
+        rounds=args.rounds,
+        progress=lambda msg: print(f"[bench block] {msg}", flush=True),
+    )
+    print(format_table(records))
+    if args.json:
+        _write_json(args.json, {"environment": environment(), "records": records})
+    return 0
+
+
+def _run_backbone(args: argparse.Namespace) -> int:
+    quick = args.quick
+    records = bench_backbone(
+        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        sizes=_ints(args.sizes) if args.sizes else ([64] if quick else [224, 512]),
+        batch_sizes=_ints(args.batch_sizes) if args.batch_sizes else ([1, 2] if quick else [1, 8]),
+        keep_ratios=[float(r) for r in args.keep_ratios.split(",")],
+        layouts=[lay.strip() for lay in args.layouts.split(",")],
+        checkpoint=args.checkpoint,
+        images=args.images,
+        rounds=args.rounds or (2 if quick else 5),
+        warmup=1,
+        threads=args.threads,
+        memory=not args.no_memory,
+        progress=lambda msg: print(f"[bench backbone] {msg}", flush=True),
+    )
+    print(format_backbone_table(records))
+    if args.json:
+        _write_json(args.json, records)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``spa bench ...`` to the CLI."""
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    block = kinds.add_parser("block", help="one SPA block vs timm's dense Swin block (stage-3 shape)")
+    block.add_argument("--json", help="write records to this JSON file")
+    block.add_argument("--batch-size", type=int, default=16)
+    block.add_argument("--resolution", type=int, default=14, help="feature map side (tokens)")
+    block.add_argument("--dim", type=int, default=384)
+    block.add_argument("--heads", type=int, default=12)
+    block.add_argument("--window", type=int, default=7)
+    block.add_argument("--shift", action="store_true", help="benchmark a shifted-window block")
+    block.add_argument("--keep-ratios", default="1.0,0.5,0.3,0.2")
+    block.add_argument("--layouts", default=",".join(LAYOUTS))
+    block.add_argument(
+        "--backend", default="auto", choices=BACKENDS, help="attention backend of the SPA block"
+    )
+    block.add_argument("--rounds", type=int, default=7)
+    block.add_argument("--threads", type=int, default=2)
+    block.set_defaults(func=_run_block)
+
+    bb = kinds.add_parser(
+        "backbone", help="whole backbones: SPT vs its dense Swin baseline (GMACs, img/s, memory)"
+    )
+    bb.add_argument("--models", default="spt_tiny,swin_tiny", help="comma list of spt_*/swin_* backbones")
+    bb.add_argument("--sizes", default=None, help="image sides, comma list (default 224,512; --quick: 64)")
+    bb.add_argument("--batch-sizes", default=None, help="comma list (default 1,8; --quick: 1,2)")
+    bb.add_argument("--keep-ratios", default=",".join(str(r) for r in SPT_KEEP_RATIOS))
+    bb.add_argument("--layouts", default=",".join(LAYOUTS))
+    bb.add_argument("--checkpoint", help="detection checkpoint: also benchmark its trained gate")
+    bb.add_argument(
+        "--images", nargs="+", help="image files/folders to benchmark on (default: random normal images)"
+    )
+    bb.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 2)"
+    )
+    bb.add_argument("--threads", type=int, default=2)
+    bb.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-RSS processes")
+    bb.add_argument("--quick", action="store_true", help="fewer rounds, small sizes (for tests)")
+    bb.add_argument("--json", help="write the list of records to this JSON file")
+    bb.set_defaults(func=_run_backbone)

@@ -1,0 +1,162 @@
+"""Metrics in one place: COCO box/mask AP (pycocotools), top-k accuracy (timm) and multi-label mAP.
+
+``average_precision`` is written out (sklearn's ``average_precision_score`` definition) because neither
+scikit-learn nor torchmetrics is a dependency, and pulling one in for a 15-line function is not worth it;
+``tests/test_classification.py`` checks it against hand-computed values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+from timm.utils import accuracy
+
+__all__ = [
+    "COCO_METRICS",
+    "average_precision",
+    "coco_ground_truth",
+    "coco_metrics",
+    "mean_average_precision",
+    "to_coco_results",
+    "topk_accuracy",
+]
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str = "bbox") -> dict[str, float]:
+    """COCO AP/AP50/AP75/APs/APm/APl of ``results`` (COCO result dicts) against ``coco_gt`` (pycocotools).
+
+    No detections give zeros (pycocotools cannot load an empty result list). As in pycocotools, a
+    size range without ground truth (e.g. no large objects) reports ``-1``.
+    """
+    if not results:
+        return dict.fromkeys(COCO_METRICS, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {k: float(v) for k, v in zip(COCO_METRICS, evaluator.stats[:6])}
+
+
+def coco_ground_truth(dataset: Any) -> tuple[Any, dict[int, int]]:
+    """``(pycocotools COCO, label -> category id)`` of a dataset: its own ``coco`` when it has one (COCO json,
+    built-in set), else one built from its untransformed targets (e.g. Pascal VOC; labels are the ids).
+
+    A dataset that leaves VOC ``difficult`` objects out of its targets is read with them included (as
+    ``iscrowd=1``), so that detections of difficult objects are ignored, as VOC evaluation does, instead of
+    counted as false positives.
+    """
+    if hasattr(dataset, "coco") and hasattr(dataset, "label_to_cat_id"):
+        return dataset.coco, dataset.label_to_cat_id
+    from pycocotools.coco import COCO
+
+    if getattr(dataset, "include_difficult", True) is False:
+        dataset = copy.copy(dataset)
+        dataset.include_difficult = True
+
+    images, annotations = [], []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        image_id = int(target["image_id"])
+        images.append({"id": image_id, "height": int(image.shape[-2]), "width": int(image.shape[-1])})
+        crowd = target.get("iscrowd", torch.zeros(len(target["labels"]), dtype=torch.long))
+        for box, label, is_crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), crowd.tolist()):
+            x1, y1, x2, y2 = box
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(is_crowd),
+                }
+            )
+    names = getattr(dataset, "class_names", None) or [str(i) for i in range(1, dataset.num_classes + 1)]
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco, {i + 1: i + 1 for i in range(len(names))}
+
+
+def to_coco_results(
+    prediction: dict[str, torch.Tensor], image_id: int, label_to_cat_id: dict[int, int]
+) -> tuple[list[dict], list[dict]]:
+    """Box and (if present) mask results of one image in COCO result format."""
+    boxes = prediction["boxes"].detach().cpu()
+    scores = prediction["scores"].detach().cpu().tolist()
+    labels = prediction["labels"].detach().cpu().tolist()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+    box_results, mask_results = [], []
+    for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+        base = {"image_id": image_id, "category_id": label_to_cat_id[int(label)], "score": float(score)}
+        box_results.append({**base, "bbox": [round(v, 3) for v in box]})
+        if "masks" in prediction:
+            binary = (prediction["masks"][i, 0] > 0.5).cpu().numpy().astype(np.uint8)
+            rle = mask_utils.encode(np.asfortranarray(binary))
+            rle["counts"] = rle["counts"].decode("ascii")
+            mask_results.append({**base, "segmentation": rle})
+    return box_results, mask_results
+
+
+# -- classification ---------------------------------------------------------------------------------
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """``{"top1": ..., "top5": ...}``: fraction of samples whose label is among the k highest logits
+    (timm's ``accuracy``; k is capped at the number of classes; NaN for no samples)."""
+    labels = labels.reshape(-1)
+    if not labels.numel():
+        return {f"top{k}": math.nan for k in ks}
+    return {f"top{k}": float(a) / 100.0 for k, a in zip(ks, accuracy(logits, labels, topk=tuple(ks)))}
+
+
+def average_precision(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> float:
+    """Average precision of one class (sklearn's ``average_precision_score`` definition):
+    ``sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds, highest first (tied scores form one
+    threshold). NaN when there are no positives."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(targets).reshape(-1) > 0.5
+    positives = int(y.sum())
+    if positives == 0:
+        return math.nan
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(~y)
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of every run of equal scores
+    precision = tp[last] / (tp[last] + fp[last])
+    recall = tp[last] / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(
+    scores: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``{"mAP": mean over classes with positives, "AP": {class: AP}, "classes_without_positives": n}``."""
+    scores, targets = torch.as_tensor(scores).cpu().numpy(), torch.as_tensor(targets).cpu().numpy()
+    names = list(class_names) if class_names else [str(i) for i in range(scores.shape[1])]
+    aps = [average_precision(scores[:, k], targets[:, k]) for k in range(scores.shape[1])]
+    valid = [a for a in aps if not math.isnan(a)]
+    return {
+        "mAP": float(np.mean(valid)) if valid else math.nan,
+        "AP": dict(zip(names, aps)),
+        "classes_without_positives": len(aps) - len(valid),
+    }

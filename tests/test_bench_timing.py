@@ -1,0 +1,94 @@
+"""``spa.bench.timing``: interleaved, shuffled rounds and the paired ratio (no wall-clock value asserted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from spa.bench.timing import environment, interleaved_rounds, median_ratio
+
+
+def _recording(keys, log):
+    return {key: (lambda key=key: log.append(key)) for key in keys}
+
+
+def _round_orders(log, keys, warmup, rounds):
+    timed = log[warmup * len(keys) :]
+    assert len(timed) == rounds * len(keys)
+    return [timed[r * len(keys) : (r + 1) * len(keys)] for r in range(rounds)]
+
+
+@pytest.mark.parametrize(("warmup", "rounds"), [(0, 1), (1, 3), (2, 5)])
+def test_every_configuration_gets_rounds_times_after_its_warmup(warmup, rounds):
+    keys, log = ["a", "b", "c", "d"], []
+    times = interleaved_rounds(_recording(keys, log), rounds, warmup=warmup)
+    assert list(times) == keys
+    assert all(len(ts) == rounds and all(t >= 0 for t in ts) for ts in times.values())
+    assert log[: warmup * len(keys)] == [
+        k for k in keys for _ in range(warmup)
+    ]  # warm-up first, in key order
+    for order in _round_orders(log, keys, warmup, rounds):
+        assert sorted(order) == keys  # each round calls every configuration once
+
+
+def test_shuffled_order_varies_between_rounds_and_is_reproducible():
+    keys = list(range(6))
+    orders = []
+    for _ in range(2):
+        log: list[int] = []
+        interleaved_rounds(_recording(keys, log), rounds=8, warmup=0, seed=3)
+        orders.append(_round_orders(log, keys, 0, 8))
+    assert orders[0] == orders[1]
+    assert len({tuple(o) for o in orders[0]}) > 1
+    log = []
+    interleaved_rounds(_recording(keys, log), rounds=8, warmup=0, seed=4)
+    assert _round_orders(log, keys, 0, 8) != orders[0]
+
+
+def test_times_belong_to_their_configuration_with_sync_around_each_call():
+    now, events = [0.0], []
+
+    def advance(seconds):
+        def run():
+            events.append("run")
+            now[0] += seconds
+
+        return run
+
+    def sync():
+        events.append("sync")
+
+    times = interleaved_rounds(
+        {"fast": advance(0.001), "slow": advance(0.004)}, rounds=3, warmup=1, sync=sync, clock=lambda: now[0]
+    )
+    assert times["fast"] == pytest.approx([1.0] * 3) and times["slow"] == pytest.approx([4.0] * 3)
+    assert events == ["run", "run"] + ["sync", "run", "sync"] * 6  # no sync in the warm-up
+
+
+def test_progress_messages():
+    messages: list[str] = []
+    interleaved_rounds(_recording("ab", []), rounds=2, warmup=1, progress=messages.append)
+    assert messages == ["warm-up 1/2", "warm-up 2/2", "round 1/2", "round 2/2"]
+
+
+def test_bad_rounds():
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_rounds({"a": lambda: None}, rounds=0)
+    with pytest.raises(ValueError, match="warmup"):
+        interleaved_rounds({"a": lambda: None}, rounds=1, warmup=-1)
+
+
+def test_median_ratio_pairs_rounds():
+    assert median_ratio([2.0, 4.0, 9.0], [1.0, 4.0, 3.0]) == 2.0  # ratios 2, 1, 3
+    assert median_ratio([5.0, 1.0], [5.0, 1.0]) == 1.0
+    assert median_ratio([1.0, 3.0], [2.0, 2.0]) == 1.0  # even count: mean of the middle two (0.5, 1.5)
+    assert (
+        median_ratio([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0
+    )  # not the ratio of medians of unpaired rounds
+    with pytest.raises(ValueError):
+        median_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        median_ratio([], [])
+
+
+def test_environment_keys():
+    assert {"torch", "threads", "device", "processor", "python"} <= environment().keys()
