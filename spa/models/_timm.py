@@ -81,3 +81,21 @@ def feature_cfg(
     cfg.update(feature_cls=feature_cls, output_fmt="NCHW")
     cfg.pop("flatten_sequential", None)  # hook-based extractors only
     return cfg
+
+
+def swin_default_cfg(**kwargs: Any) -> dict[str, Any]:
+    """timm's pretrained-cfg fields of a Swin-style model at 224 px (no weights: ``url`` is empty)."""
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head.fc",
+        **kwargs,
+    }

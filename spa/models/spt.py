@@ -32,7 +32,13 @@ from torch.utils.checkpoint import checkpoint
 
 from spa.attention import BACKENDS
 from spa.gate import SELECT_MODES, TokenGate
-from spa.models._timm import NCHWFeatures, feature_cfg, feature_take_indices, registered_models
+from spa.models._timm import (
+    NCHWFeatures,
+    feature_cfg,
+    feature_take_indices,
+    registered_models,
+    swin_default_cfg,
+)
 from spa.models.spa_block import FFN_MODES, SPABlock
 from spa.packing import LAYOUTS
 from spa.selection import Selection
@@ -493,26 +499,11 @@ def _create_spt(variant: str, pretrained: bool = False, **kwargs) -> SPT | SPTFe
     return build_model_with_cfg(SPT, variant, pretrained=False, feature_cfg=features, **cfg_kwargs, **kwargs)
 
 
-def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        "license": "apache-2.0",
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs(
-    {name: _cfg() for name in ("spt_nano", "spt_tiny", "spt_small", "spt_base")}
+    {
+        name: swin_default_cfg(license="apache-2.0")
+        for name in ("spt_nano", "spt_tiny", "spt_small", "spt_base")
+    }
 )
 
 

@@ -20,7 +20,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from spa.models._timm import NCHWFeatures, feature_cfg, registered_models
+from spa.models._timm import NCHWFeatures, feature_cfg, registered_models, swin_default_cfg
 from spa.models.spt import SPT_OPTIONS
 
 __all__ = ["DENSE_BASELINES", "SwinFeatures", "list_models"]
@@ -75,25 +75,9 @@ def _create_swin_baseline(variant: str, pretrained: bool = False, **kwargs: Any)
     return build_model_with_cfg(SwinTransformer, variant, pretrained=False, feature_cfg=features, **kwargs)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        "license": "mit",
-        **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs({name: _cfg() for name in DENSE_BASELINES.values()})
+default_cfgs = generate_default_cfgs(
+    {name: swin_default_cfg(license="mit") for name in DENSE_BASELINES.values()}
+)
 
 
 @register_model
