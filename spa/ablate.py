@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from spa.errors import ConfigError
+
 __all__ = [
     "SELECTION_VARIANTS",
     "STAGE_VARIANTS",
@@ -58,7 +60,7 @@ def _builtin(data: str, data_dir: str, images: int, val_images: int, size: int, 
     from spa.data import ensure_builtin
 
     if data != "builtin":
-        raise ValueError(f"the ablations run on the built-in set: use --data builtin, got {data!r}")
+        raise ConfigError(f"the ablations run on the built-in set: use --data builtin, got {data!r}")
     root = ensure_builtin(
         data_dir, images=images, val_images=val_images, size=size, coverage=coverage, seed=0
     )
@@ -108,9 +110,9 @@ def ablate_selection(
 
     unknown = sorted(set(variants) - set(SELECTION_VARIANTS))
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(SELECTION_VARIANTS)}")
+        raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(SELECTION_VARIANTS)}")
     if not seeds:
-        raise ValueError("give at least one seed")
+        raise ConfigError("give at least one seed")
     spec = _builtin(data, data_dir, images, val_images, img_size, coverage)
     out = Path(out)
     settings = dict(
@@ -142,7 +144,7 @@ def ablate_selection(
                 **overrides,
             )
             t0 = time.perf_counter()
-            result = run_training(cfg, progress=progress, device=device, log=False)["eval"]
+            result = run_training(cfg, progress=progress, device=device, log=False, overwrite=True)["eval"]
             runs.append(
                 {
                     "seed": seed,
@@ -198,7 +200,7 @@ def ablate_stages(
 
     unknown = sorted(set(variants) - set(STAGE_VARIANTS))
     if unknown:
-        raise ValueError(f"unknown stage set(s) {unknown}; choose from {list(STAGE_VARIANTS)}")
+        raise ConfigError(f"unknown stage set(s) {unknown}; choose from {list(STAGE_VARIANTS)}")
     spec = _builtin(data, data_dir, images, val_images, img_size, coverage)
     out = Path(out)
     settings = dict(
@@ -227,7 +229,7 @@ def ablate_stages(
             out=str(out / f"stages_{'_'.join(str(s + 1) for s in stages)}"),
         )
         t0 = time.perf_counter()
-        result = run_training(cfg, progress=progress, device=device, log=False)["eval"]
+        result = run_training(cfg, progress=progress, device=device, log=False, overwrite=True)["eval"]
         keep = result.get("keep", {})
         rows[name] = {
             "spa_stages": [s + 1 for s in stages],

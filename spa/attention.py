@@ -20,6 +20,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,6 +96,23 @@ class TableBias:
         return self.index.masked_fill(~allowed, self.table.shape[1])
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for a device type autocast does not know)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type`` if it is enabled there (else no context at all)."""
+    return (
+        torch.autocast(device_type, enabled=False)
+        if _autocast_enabled(device_type)
+        else contextlib.nullcontext()
+    )
+
+
 def _with_masked_column(table: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[H, E]`` -> ``[H, E + 1]``: entry ``E`` is ``-inf`` (what masked pairs read)."""
     table = table.to(dtype or table.dtype)
@@ -139,6 +157,11 @@ class _RowsMathAttention(torch.autograd.Function):
     (the rows before the first padding slot are the first slots, the rest are placed by index); the output
     slots go straight back to rows ``[R, H * D]``. Autograd would record the slot scatter, the head split,
     the unbind and the scale as separate nodes, each with a full-size copy in backward.
+
+    Everything runs in ``qkv``'s dtype (the bias table is cast to it); the table's gradient is accumulated in at
+    least float32 and returned in the table's dtype. Under autocast ``_rows_math`` casts ``qkv`` to the autocast
+    dtype and calls this with autocast off (what ``torch.amp.custom_fwd(cast_inputs=...)`` does, for any
+    device type); the backward also runs with autocast off, so its ops see the dtypes the forward saved.
     """
 
     @staticmethod
@@ -159,11 +182,17 @@ class _RowsMathAttention(torch.autograd.Function):
         out = torch.bmm(probs, v).view(heads, K * S, D)
         ctx.save_for_backward(qkv_slots, probs, index, tail_slots)
         ctx.geometry = (prefix, K, S, heads, D, entries, scale)
+        ctx.table_dtype = table.dtype
         return _slots_to_rows(out, tail_slots, prefix).view(R, heads * D)
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable: say so instead of failing
     def backward(ctx, grad):
+        with _autocast_off(grad.device.type):  # a backward run inside an autocast region: no casts here
+            return _RowsMathAttention._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         qkv_slots, probs, index, tail_slots = ctx.saved_tensors
         prefix, K, S, heads, D, entries, scale = ctx.geometry
         R = grad.shape[0]
@@ -176,7 +205,10 @@ class _RowsMathAttention(torch.autograd.Function):
         grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         table_grad = None
         if ctx.needs_input_grad[1]:  # the masked column's sum (all zeros: probs are 0 there) is dropped
-            table_grad = _scatter_columns(grad_logits, index, entries + 1)[:, :entries]
+            # summed in at least float32 (a no-op cast for an fp32 table, whatever precision the logits had)
+            table_dtype = ctx.table_dtype
+            grad_logits_sum = grad_logits.to(torch.promote_types(table_dtype, torch.float32))
+            table_grad = _scatter_columns(grad_logits_sum, index, entries + 1)[:, :entries].to(table_dtype)
         torch.baddbmm(grad_q, grad_logits, k, beta=0, alpha=scale, out=grad_q)
         torch.baddbmm(grad_k, grad_logits.transpose(1, 2), q, beta=0, alpha=scale, out=grad_k)
         grad_qkv = _slots_to_rows(grad_slots.view(3 * heads, K * S, D), tail_slots, prefix)
@@ -222,7 +254,15 @@ def _rows_math(
         prefix = int(packed.padding_slots[0])
         tail = packed.slot_index[prefix:]
     index = bias.masked_index(allowed)
-    return _RowsMathAttention.apply(qkv, bias.table, index, tail, prefix, (K, S), heads, scale)
+    device_type = qkv.device.type
+    if not _autocast_enabled(device_type):
+        return _RowsMathAttention.apply(qkv, bias.table, index, tail, prefix, (K, S), heads, scale)
+    # autocast: as torch.amp.custom_fwd(cast_inputs=<the autocast dtype>) for this device type: qkv in the
+    # autocast dtype (float64 is left alone, as autocast does), the function itself with autocast off
+    if qkv.dtype != torch.float64:
+        qkv = qkv.to(torch.get_autocast_dtype(device_type))
+    with torch.autocast(device_type, enabled=False):
+        return _RowsMathAttention.apply(qkv, bias.table, index, tail, prefix, (K, S), heads, scale)
 
 
 PairBias = Callable[[torch.Tensor], "torch.Tensor | TableBias | None"]
@@ -359,7 +399,8 @@ def _reference(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, 
             if mask is not None:
                 logits = logits.masked_fill(~mask[0][None], float("-inf"))
             weights = logits.softmax(-1)
-            out = out.index_put((slots,), torch.einsum("hij,jhd->ihd", weights, vc))
+            chunk_out = torch.einsum("hij,jhd->ihd", weights, vc)  # an fp32 bias promotes it under autocast
+            out = out.index_put((slots,), chunk_out.to(out.dtype))
     return out.view(K, S, H, D).transpose(1, 2)
 
 
@@ -471,12 +512,11 @@ class PackedAttention(nn.Module):
 
     def _rows_math_applies(self, qkv: torch.Tensor, packed: Packed) -> bool:
         """Rows go through ``_RowsMathAttention`` (the ``math`` backend without autograd's copies) unless
-        attention dropout or autocast is active or nothing is kept."""
+        attention dropout is active or nothing is kept (under autocast too: it runs in the autocast dtype)."""
         return (
             _resolve_backend(self.backend, qkv.device) == "math"
             and packed.num_containers > 0
             and not (self.training and self.attn_drop.p > 0)
-            and not torch.is_autocast_enabled(qkv.device.type)
         )
 
     def _attend(

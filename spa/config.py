@@ -15,7 +15,17 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-__all__ = ["TASKS", "RunConfig", "add_config_flags", "config_from", "resolve_config"]
+from spa.errors import ConfigError
+
+__all__ = [
+    "PATH_FIELDS",
+    "TASKS",
+    "RunConfig",
+    "absolute_paths",
+    "add_config_flags",
+    "config_from",
+    "resolve_config",
+]
 
 TASKS = ("detect", "classify", "multilabel")
 EMPTY_IMAGES = ("error", "drop", "keep")
@@ -82,6 +92,11 @@ class RunConfig:
         "SPT: FFN on kept tokens only or all (default kept)",
         _choices("spa.models.spa_block", "FFN_MODES"),
     )
+    pretrained: str | None = _opt(
+        None,
+        "start the backbone from this file: a timm / Microsoft / mmdetection Swin checkpoint (.pth, .pt, "
+        ".safetensors) or an spa checkpoint or export (its backbone); the gates start fresh",
+    )
     drop_path_rate: float = _opt(0.0, "stochastic depth rate of the backbone")
     grad_checkpointing: bool = _opt(False, "recompute backbone blocks in backward to save memory")
     fpn_channels: int = _opt(64, "FPN width (--task detect)")
@@ -89,6 +104,14 @@ class RunConfig:
     selection_alpha: float = _opt(0.01, "weight of the selection loss")
     supervise_gate: bool = _opt(True, "supervise the gate with selection labels from boxes/masks")
     empty_images: str = _opt("error", "images without objects: refuse, drop or keep", EMPTY_IMAGES)
+    check_data: str = _opt(
+        "quick",
+        "check the data before step 1: quick (annotations + image headers), full (decode all) or off",
+        ("full", "quick", "off"),
+    )
+    bad_images: str = _opt(
+        "error", "training images the check finds bad: stop, or skip them", ("error", "skip")
+    )
     epochs: int = _opt(1, "epochs (--max-steps overrides)")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps")
     batch_size: int = _opt(4, "images per step (per process)")
@@ -97,18 +120,27 @@ class RunConfig:
     warmup_steps: int = _opt(20, "linear warm-up steps before the cosine decay")
     clip_grad: float | None = _opt(5.0, "clip the gradient norm to this (none: no clipping)")
     gate_lr_scale: float = _opt(10.0, "learning-rate factor of the token gates")
+    amp: str = _opt(
+        "auto",
+        "mixed precision: auto (bf16 on CUDA, off on CPU), off, bf16, fp16 (with loss scaling)",
+        ("auto", "off", "bf16", "fp16"),
+    )
     seed: int = _opt(0, "seed of model init, data order, augmentation and Gumbel noise")
     num_workers: int = _opt(0, "data loader worker processes")
     checkpoint_every: int = _opt(50, "write checkpoints/last.pt every this many steps")
+    keep_checkpoints: int = _opt(
+        0, "also keep the K most recent periodic checkpoints/step_N.pt (0: only last.pt)"
+    )
+    keep_optimizer: bool = _opt(False, "periodic step_N.pt files also hold the optimizer state (resumable)")
     log_every: int = _opt(1, "write a metrics.jsonl line every this many steps")
     eval_batch_size: int = _opt(4, "batch size of the evaluation after training")
     out: str = _opt("runs/train", "run folder: config.yaml, metrics.jsonl, checkpoints/, eval.json")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.empty_images not in EMPTY_IMAGES:
-            raise ValueError(f"empty_images must be 'error', 'drop' or 'keep', got {self.empty_images!r}")
+            raise ConfigError(f"empty_images must be 'error', 'drop' or 'keep', got {self.empty_images!r}")
 
     def model_kwargs(self) -> dict[str, Any]:
         """The backbone options this run sets (SPT options only when given; the factory refuses them for a
@@ -134,6 +166,23 @@ class RunConfig:
         )
 
 
+PATH_FIELDS = ("data", "val_data", "data_dir", "pretrained")
+
+
+def absolute_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``values`` with the paths of ``PATH_FIELDS`` (data specs included) made absolute against ``base``."""
+    from spa.data.specs import absolute_spec
+
+    out = dict(values)
+    for name in PATH_FIELDS:
+        value = out.get(name)
+        if isinstance(value, str) and value:
+            out[name] = (
+                absolute_spec(value, base) if name in ("data", "val_data") else str((base / value).resolve())
+            )
+    return out
+
+
 def config_from(cls: type[T], source: Any, **values: Any) -> T:
     """An instance of the dataclass ``cls``: each field from ``values``, else from ``source``'s attribute of
     the same name, else its default (no field is copied by hand)."""
@@ -151,17 +200,17 @@ def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> RunCon
     if config_file:
         path = Path(config_file)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"cannot parse config file {path}: {err}") from err
+            raise ConfigError(f"cannot parse config file {path}: {err}") from err
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of option: value")
+            raise ConfigError(f"config file {path} must hold a mapping of option: value")
         unknown = sorted(set(loaded) - names)
         if unknown:
-            raise ValueError(f"config file {path}: unknown option(s) {unknown}")
-        values.update(loaded)
+            raise ConfigError(f"config file {path}: unknown option(s) {unknown}")
+        values.update(absolute_paths(loaded, path.resolve().parent))  # a file's paths are relative to it
     values.update({k: v for k, v in overrides.items() if k in names and v is not None})
     values = {k: (None if v is NONE else v) for k, v in values.items()}
     return RunConfig(**values)

@@ -87,7 +87,7 @@ def _train(cfg: DemoConfig, model: str, out: Path) -> tuple[dict, torch.nn.Modul
         **({"selection_alpha": cfg.selection_alpha} if is_spt_name(model) else {}),
     )
     start = time.perf_counter()
-    result = run_training(run)
+    result = run_training(run, overwrite=True)  # a new demo run replaces the last one
     metrics = result["eval"]
     metrics["train_minutes"] = (time.perf_counter() - start) / 60
     return metrics, result["model"]

@@ -6,10 +6,12 @@ them together for one SPA block. ``valid`` masks mark real tokens (padding token
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -27,6 +29,15 @@ __all__ = [
 ]
 
 SELECT_MODES = ("gate", "all", "topk", "random")
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type`` if it is enabled there (else nothing: no context at all)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): never enabled there
+        enabled = False
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
@@ -204,8 +215,19 @@ class TokenGate(nn.Module):
         nn.init.constant_(self.proj.bias, math.log(self.init_keep_prob / (1.0 - self.init_keep_prob)))
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Own logits ``[B, N]`` of tokens ``x`` ``[B, N, C]``."""
-        return self.proj(x).squeeze(-1)
+        """Own logits ``[B, N]`` of tokens ``x`` ``[B, N, C]``, in at least float32.
+
+        The keep decision thresholds these logits, so they are never computed in a low precision: under
+        autocast the ``C -> 1`` projection runs with autocast off on an fp32 copy of ``x`` (and of the weights
+        when the model itself is in bf16 / fp16). In fp32 without autocast this is ``self.proj(x)`` as it is.
+        """
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        proj = self.proj
+        with _autocast_off(x.device.type):
+            if proj.weight.dtype == dtype and (proj.bias is None or proj.bias.dtype == dtype):
+                return proj(x.to(dtype)).squeeze(-1)  # through the module: its hooks still see the call
+            bias = None if proj.bias is None else proj.bias.to(dtype)
+            return F.linear(x.to(dtype), proj.weight.to(dtype), bias).squeeze(-1)
 
     def forward(
         self,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 __all__ = [
     "batch_selection_labels",
     "box_grid",
+    "check_target_frame",
     "foreground_mask",
     "grid_size",
     "mask_grid",
@@ -175,6 +176,7 @@ def batch_selection_labels(
     use_masks: bool = True,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Labels ``[B, ceil(H/s), ceil(W/s)]`` for torchvision-style targets (``"boxes"``, optional ``"masks"``).
 
@@ -182,7 +184,13 @@ def batch_selection_labels(
     boxes/masks must already be in that frame (after every resize). ``batch_size`` (>= len(targets))
     pads the batch with all-zero labels. Built on ``device`` (default: the device of the first target's
     boxes), with the boxes of the whole batch in one vectorised pass (no loop over boxes).
+
+    ``image_sizes`` (each image's ``(h, w)`` inside the padded batch, as torchvision's ``ImageList`` has
+    them) checks the frame: a box reaching more than a pixel past its image, or a mask of another size
+    than its image, raises ``ValueError`` (targets in another frame than the images).
     """
+    if image_sizes is not None:
+        check_target_frame(targets, image_sizes)
     b = len(targets) if batch_size is None else batch_size
     if b < len(targets):
         raise ValueError(f"batch_size {b} smaller than the number of targets {len(targets)}")
@@ -208,3 +216,33 @@ def batch_selection_labels(
         covered = torch.zeros(b, gh * gw, device=device).index_add_(0, torch.cat(box_images), cells)
         out = torch.maximum(out, (covered > 0).float().view(b, gh, gw))
     return out
+
+
+def check_target_frame(targets: Sequence[Mapping[str, Any]], image_sizes: Sequence[tuple[int, int]]) -> None:
+    """Raise ``ValueError`` unless every target lies in its image's frame: boxes within ``(h, w)`` (1 px
+    tolerance) and masks of exactly that size."""
+    if len(targets) != len(image_sizes):
+        raise ValueError(f"{len(targets)} targets for {len(image_sizes)} images")
+    limits, boxes = [], []
+    for i, (t, (h, w)) in enumerate(zip(targets, image_sizes)):
+        masks = t.get("masks")
+        if masks is not None and tuple(masks.shape[-2:]) != (int(h), int(w)):
+            raise ValueError(
+                f"target {i}: masks of size {tuple(masks.shape[-2:])} for an image of {(int(h), int(w))}: the "
+                "targets are not in the frame of the images (resize them with the images)"
+            )
+        b = _as_boxes(t.get("boxes"))
+        boxes.append(b)
+        limits.append(torch.tensor([[w, h]], dtype=b.dtype, device=b.device).expand(len(b), 2))
+    if not boxes or not sum(len(b) for b in boxes):
+        return
+    flat, limit = torch.cat(boxes), torch.cat(limits).to(torch.cat(boxes).device)
+    beyond = (flat[:, 2:] > limit + 1).any(1) | (flat[:, :2] < -1).any(1)
+    if beyond.any():
+        first = int(beyond.nonzero()[0, 0])
+        image = int(torch.repeat_interleave(torch.tensor([len(b) for b in boxes]))[first])
+        raise ValueError(
+            f"target {image}: box {flat[first].tolist()} reaches past its image of (h, w) = "
+            f"{tuple(int(v) for v in image_sizes[image])}: the targets are not in the frame of the images "
+            "(resize them with the images)"
+        )

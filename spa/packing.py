@@ -150,7 +150,9 @@ class Packed:
         """Write rows ``[R, D]`` back to ``[B, N, D]``; tokens that were not kept take ``fill``.
 
         ``fill`` is a number or a ``[B, N, D]`` tensor (e.g. the block input, so unselected tokens pass
-        through bit-identical). Differentiable with respect to ``rows`` and ``fill``.
+        through bit-identical). Differentiable with respect to ``rows`` and ``fill``. The result has the dtype
+        of a ``fill`` tensor (rows in another precision, e.g. computed under autocast, are cast to it), else
+        that of ``rows``.
         """
         rows = self._kept_rows(rows)
         B, N, D = self.batch_size, self.num_tokens, rows.shape[-1]
@@ -158,18 +160,20 @@ class Packed:
             base = self._flat_tokens(fill, "fill", D)
         else:
             base = rows.new_full((B * N, D), float(fill))
-        return base.index_copy(0, self.source_index, rows).view(B, N, D)
+        return base.index_copy(0, self.source_index, rows.to(base.dtype)).view(B, N, D)
 
     def add_rows(self, base: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``base`` ``[B, N, D]`` with rows ``[R, D]`` added at the kept tokens (a residual update).
 
         Tokens that were not kept come out bit-identical. Differentiable; the gradient of ``base`` is the
         incoming gradient itself (no copy), which makes this cheaper than ``scatter_rows(base + ..., fill=base)``
-        in training. For ``masked`` the rows of unkept tokens are ignored.
+        in training. For ``masked`` the rows of unkept tokens are ignored. The result has ``base``'s dtype: rows
+        in another precision (e.g. computed under autocast) are cast to it, so an fp32 residual stream takes a
+        bf16 update as ``base + update`` would and a bf16 stream stays bf16 (no cast when the dtypes agree).
         """
         rows = self._kept_rows(rows)
         flat = self._flat_tokens(base, "base", rows.shape[-1])
-        return flat.index_add(0, self.source_index, rows).view(base.shape)
+        return flat.index_add(0, self.source_index, rows.to(flat.dtype)).view(base.shape)
 
     def unpack(self, y: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Scatter per-slot results ``y`` ``[K, S, D]`` back to ``[B, N, D]``.

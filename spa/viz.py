@@ -9,11 +9,15 @@ padded by the detector's transform) with the selections of that forward.
 
 ``spa viz --checkpoint CKPT --images PATHS_OR_DIR --out DIR`` does this for a detection checkpoint, one PNG per
 image (detections above ``--score-threshold`` drawn as boxes).
+
+``draw_detections(image, records, out_path, category_names)`` draws one image with its detections given as
+COCO result records (boxes, ``name score`` labels, RLE masks), as ``spa predict --draw`` writes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spa.engine.checkpoint import atomic_write
+from spa.errors import ConfigError
 from spa.models import is_spt
 from spa.report_figures import save_figure
 from spa.selection import Selection
 from spa.tasks.detection import SPADetector
 
-__all__ = ["IMAGE_SUFFIXES", "draw_selection_overlays", "model_selections", "register", "stage_keep_maps"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "draw_detections",
+    "draw_selection_overlays",
+    "model_selections",
+    "register",
+    "stage_keep_maps",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -70,7 +83,7 @@ def _to_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def _draw_boxes(ax, boxes, color: str = "lime") -> None:
+def _draw_boxes(ax, boxes, color: str | tuple = "lime") -> None:
     from matplotlib.patches import Rectangle
 
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
@@ -152,6 +165,67 @@ def draw_selection_overlays(
     return save_figure(fig, out_path, dpi=100)
 
 
+def draw_detections(
+    image: torch.Tensor | np.ndarray,
+    records: Sequence[dict],
+    out_path: str | Path,
+    category_names: dict[int, str] | None = None,
+    mask_alpha: float = 0.45,
+) -> Path:
+    """Save a PNG of one image with its detections: boxes, ``name score`` labels and (if present) masks.
+
+    Args:
+        image: ``[3, H, W]`` tensor or ``[H, W, 3]`` array, in the frame of the records.
+        records: this image's COCO result dicts (``bbox`` xywh, ``category_id``, ``score``, optional
+            ``segmentation`` RLE of size ``H x W``), e.g. from ``spa predict``'s ``predictions.json``.
+        out_path: PNG to write, atomically (parent folders are created).
+        category_names: category id -> name shown (default: the id).
+        mask_alpha: opacity of the mask colour.
+    Returns:
+        ``out_path`` as a ``Path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pycocotools import mask as mask_utils
+
+    rgb = _to_hwc(image).copy()
+    H, W = rgb.shape[:2]
+    palette = plt.get_cmap("tab10")
+    names = category_names or {}
+    records = sorted(records, key=lambda r: float(r["score"]))  # the surest drawn last, on top
+    for r in records:
+        if "segmentation" in r:
+            with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation notice
+                warnings.simplefilter("ignore", DeprecationWarning)
+                mask = mask_utils.decode(r["segmentation"]).astype(bool)
+            if mask.shape != (H, W):
+                raise ValueError(f"a mask of size {mask.shape} for an image of size {(H, W)}")
+            color = np.asarray(palette(int(r["category_id"]) % 10)[:3])
+            rgb[mask] = (1.0 - mask_alpha) * rgb[mask] + mask_alpha * color
+    scale = max(1.0, 512 / max(H, W))  # small images are shown larger, so that labels stay readable
+    fig, ax = plt.subplots(figsize=(W * scale / 100, H * scale / 100))
+    ax.imshow(rgb)
+    for r in records:
+        x, y, w, h = (float(v) for v in r["bbox"])
+        color = palette(int(r["category_id"]) % 10)
+        _draw_boxes(ax, [[x, y, x + w, y + h]], color=color)
+        label = f"{names.get(int(r['category_id']), r['category_id'])} {float(r['score']):.2f}"
+        ax.text(
+            x, y, label, fontsize=7, color="white", va="bottom", clip_on=True,
+            bbox={"facecolor": color, "alpha": 0.75, "pad": 1, "edgecolor": "none"},
+        )  # fmt: skip
+    ax.set_xlim(-0.5, W - 0.5)
+    ax.set_ylim(H - 0.5, -0.5)
+    ax.axis("off")
+    fig.tight_layout()
+    try:
+        return atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
 @torch.no_grad()
 def model_selections(
     model: nn.Module, images: torch.Tensor | Sequence[torch.Tensor]
@@ -195,7 +269,7 @@ def _image_paths(items: Sequence[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"no such image or folder: {p}")
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {list(items)}")
+        raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {list(items)}")
     return paths
 
 
@@ -214,7 +288,7 @@ def _run_viz(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.checkpoint, task="detect")
     if not is_spt(model.backbone.body):
-        raise ValueError(f"{args.checkpoint} holds a dense {model.config.model}; it selects no tokens")
+        raise ConfigError(f"{args.checkpoint} holds a dense {model.config.model}; it selects no tokens")
     if args.keep_threshold is not None:
         set_keep_threshold(model, args.keep_threshold)
     paths = _image_paths(args.images)[: args.max_images]

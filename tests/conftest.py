@@ -1,7 +1,12 @@
-"""Shared test settings: 2 threads, fixed seeds, hypothesis profile for a shared, noisy CPU."""
+"""Shared test settings (2 threads, fixed seeds, hypothesis profile for a shared, noisy CPU) and data makers."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -21,3 +26,38 @@ settings.load_profile("spa")
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def write_tiny_coco(
+    root: Path,
+    sizes: Sequence[tuple[int, int]] = ((64, 80), (48, 64), (72, 56)),
+    categories: Sequence[dict] = ({"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}),
+    name: str = "annotations.json",
+    first_id: int = 1,
+) -> tuple[Path, Path]:
+    """A COCO instances file and its random images under ``root``: per image two large boxes with polygon
+    masks, of the first two ``categories`` (non-contiguous ids by default); image ids ``10 * i``.
+    Returns ``(annotations.json, images folder)``."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(first_id)
+    images, annotations = [], []
+    for i, (h, w) in enumerate(sizes, first_id):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        images.append({"id": 10 * i, "file_name": f"im{i}.png", "width": w, "height": h})
+        for k, (x0, y0, x1, y1) in enumerate([(2, 2, 0.8 * w, 0.7 * h), (0.3 * w, 0.4 * h, w - 1, h - 1)]):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": 10 * i,
+                    "category_id": categories[k]["id"],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                    "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                }
+            )
+    ann = root / name
+    ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": list(categories)}))
+    return ann, root / "images"

@@ -86,4 +86,4 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="unknown stage set"):
         ablate_stages(out=tmp_path, variants=["{1}"])
     with pytest.raises(SystemExit):
-        main(["ablate", "selection", "--variants", "sparse"])
+        main(["--debug", "ablate", "selection", "--variants", "sparse"])

@@ -288,12 +288,12 @@ def test_train_and_eval_multilabel_builtin(tiny_set, tmp_path, capsys):
     assert again["mAP"] == pytest.approx(result["mAP"])
     assert "mAP" in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="'multilabel' checkpoint"):
-        main(["eval", "--checkpoint", ckpt, "--task", "classify"])
+        main(["--debug", "eval", "--checkpoint", ckpt, "--task", "classify"])
     with pytest.raises(CheckpointError, match="swin_nano"):
-        main(["eval", "--checkpoint", ckpt, "--model", "swin_nano"])
+        main(["--debug", "eval", "--checkpoint", ckpt, "--model", "swin_nano"])
     other = _label_list(tmp_path / "lst", ["images/0.png cat"])
     with pytest.raises(CheckpointError, match="trained for"):
-        main(["eval", "--checkpoint", ckpt, "--data", f"labels:{other}"])
+        main(["--debug", "eval", "--checkpoint", ckpt, "--data", f"labels:{other}"])
 
 
 def test_train_classify_folder_and_unsupervised_label_list(tmp_path):

@@ -163,7 +163,9 @@ def test_cli_train_then_eval(tiny_set, tmp_path):
     again = json.loads(out.read_text())
     assert again["bbox"] == trained["bbox"] and again["gmacs"] == trained["gmacs"]
     with pytest.raises(CheckpointError, match="swin_nano"):
-        main(["eval", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--model", "swin_nano"])
+        main(
+            ["--debug", "eval", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--model", "swin_nano"]
+        )
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_set, tmp_path):
@@ -209,7 +211,7 @@ def test_two_process_gloo_training_with_a_rank_that_keeps_nothing(tiny_set, tmp_
     assert any(k > 0 for step in rank0["kept_per_block"] for k in step)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     # written once, by rank 0 (4 images per rank, batch 2: the epoch ends at step 2)
-    assert names == ["epoch_001.pt", "last.pt"]
+    assert names == ["last.pt"]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
 
 
@@ -246,3 +248,29 @@ def test_unreadable_and_foreign_checkpoints(tmp_path):
     torch.save({"model": {}, "meta": {"task": "classify"}}, foreign)
     with pytest.raises(CheckpointError, match="not a detection checkpoint"):
         load_detector(foreign)
+
+
+def test_your_own_torchvision_detector_gets_the_selection_loss(tiny_set):
+    """A detector built with torchvision's own classes around spa's BackboneWithFPN: training losses include
+    the selection loss, with labels in the frame the backbone saw; targets in another frame raise."""
+    from torchvision.models.detection import FasterRCNN
+
+    from spa.labels import check_target_frame
+    from spa.models import create_backbone
+    from spa.tasks import BackboneWithFPN, with_selection_loss
+
+    ds, (images, targets) = _batch(tiny_set, augment=False)
+    body = create_backbone("spt_nano", features_only=True, img_size=64)
+    detector = FasterRCNN(BackboneWithFPN(body, 16), num_classes=ds.num_classes + 1, min_size=64, max_size=64)
+    model = with_selection_loss(detector, selection_alpha=1.0)
+    out = model.train().forward_details(images, targets)
+    assert out.losses["loss_select"] > 0 and "loss_classifier" in out.losses
+    resized = [{"boxes": t["boxes"] * 0.5, "masks": t["masks"][:, ::2, ::2]} for t in targets]
+    torch.testing.assert_close(out.labels[16], batch_selection_labels(resized, (64, 64), 16))
+    # the 128 px targets as loaded do not fit the 64 px images the backbone saw
+    with pytest.raises(ValueError, match="not in the frame"):
+        batch_selection_labels(targets, (64, 64), 16, image_sizes=out.image_sizes)
+    with pytest.raises(ValueError, match="not in the frame"):
+        check_target_frame([{"boxes": targets[0]["boxes"]}], [(64, 64)])
+    with pytest.raises(TypeError, match="BackboneWithFPN"):
+        with_selection_loss(torch.nn.Linear(2, 2))

@@ -60,6 +60,18 @@ def make(tmp_path, name, model=None, init_seed=123, **overrides):
     return Trainer(model or Toy(), NoisyData(), collate, TrainConfig(**cfg), META, dist_info=SINGLE)
 
 
+def kill_after(trainer, steps):
+    """Make ``trainer.train()`` die (``KeyboardInterrupt``) once ``steps`` steps are done."""
+    original_step = trainer.train_step
+
+    def dies(images, targets):
+        if trainer.step == steps:
+            raise KeyboardInterrupt("killed")
+        return original_step(images, targets)
+
+    trainer.train_step = dies
+
+
 def losses(run_dir):
     return {
         r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
@@ -71,14 +83,7 @@ def test_resume_after_a_kill_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
     full.train()
 
     killed = make(tmp_path, "b")
-    original_step = killed.train_step
-
-    def dies_at_step_11(images, targets):
-        if killed.step == 10:
-            raise KeyboardInterrupt("killed")
-        return original_step(images, targets)
-
-    killed.train_step = dies_at_step_11
+    kill_after(killed, 10)
     with pytest.raises(KeyboardInterrupt):
         killed.train()
     state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
@@ -104,7 +109,57 @@ def test_schedule_and_logs(tmp_path):
     assert lrs[0] < lrs[1] < lrs[2] and lrs[-1] < lrs[3]  # warm-up, then cosine decay
     assert {"loss", "loss_mse", "loss_l1", "grad_norm", "calls"} <= records[0].keys()
     ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
-    assert ckpts == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    assert ckpts == ["last.pt"]  # by default nothing but what a resume needs, across epochs too
+    assert load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["step"] == 14
+
+
+def test_keep_checkpoints_keeps_the_newest_step_files_weights_only(tmp_path):
+    make(tmp_path, "a", keep_checkpoints=2).train()  # saves at steps 3, 6, 9, 12
+    folder = tmp_path / "a" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step_000009.pt", "step_000012.pt"]
+    snapshot, last = load_checkpoint(folder / "step_000012.pt"), load_checkpoint(folder / "last.pt")
+    assert set(snapshot) == {"model", "meta", "extra", "step", "epoch"}
+    assert snapshot["step"] == 12 and snapshot["meta"] == META
+    assert all(torch.equal(v, last["model"][k]) for k, v in snapshot["model"].items())
+    with pytest.raises(CheckpointError, match="weights only"):
+        make(tmp_path, "b").resume(folder / "step_000009.pt")
+
+
+def test_keep_optimizer_step_files_resume_exactly(tmp_path):
+    full = make(tmp_path, "a", keep_checkpoints=1, keep_optimizer=True)
+    full.train()
+    folder = tmp_path / "a" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step_000012.pt"]
+    assert "optimizer" in load_checkpoint(folder / "step_000012.pt")
+
+    killed = make(tmp_path, "b", keep_checkpoints=1, keep_optimizer=True)
+    kill_after(killed, 7)  # last.pt and step_000006.pt at step 6, then a step past them
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    resumed = make(tmp_path, "b", init_seed=999, keep_checkpoints=1, keep_optimizer=True)
+    resumed.train(resume=tmp_path / "b" / "checkpoints" / "step_000006.pt")
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["last.pt", "step_000012.pt"]
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_log_is_strict_json_with_null_for_nan(tmp_path):
+    class NanStats(Toy):
+        def training_stats(self):
+            return {"calls": float(self.calls), "keep": float("nan"), "ratio": float("inf")}
+
+    make(tmp_path, "a", model=NanStats(), max_steps=2).train()
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    records = [_strict_json(line) for line in lines]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["keep"] is None and r["ratio"] is None and r["calls"] > 0 for r in records)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -229,3 +284,7 @@ def test_bad_config():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="max_steps"):
         TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 0"):
+        TrainConfig(keep_checkpoints=-1)
+    with pytest.raises(ValueError, match="keep_checkpoints must be an integer"):
+        TrainConfig(keep_checkpoints=1.5)

@@ -91,11 +91,23 @@ def test_viz_cli_errors(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "dense.pt", model="swin_nano")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="dense"):
-        main(["viz", "--checkpoint", str(ckpt), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+        main(
+            [
+                "--debug",
+                "viz",
+                "--checkpoint",
+                str(ckpt),
+                "--images",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     spt = _tiny_checkpoint(tmp_path / "spt.pt")
     with pytest.raises(ValueError, match="no images"):
         main(
             [
+                "--debug",
                 "viz",
                 "--checkpoint",
                 str(spt),
@@ -106,4 +118,15 @@ def test_viz_cli_errors(tmp_path):
             ]
         )
     with pytest.raises(FileNotFoundError):
-        main(["viz", "--checkpoint", str(spt), "--images", str(tmp_path / "missing.png"), "--out", "x"])
+        main(
+            [
+                "--debug",
+                "viz",
+                "--checkpoint",
+                str(spt),
+                "--images",
+                str(tmp_path / "missing.png"),
+                "--out",
+                "x",
+            ]
+        )

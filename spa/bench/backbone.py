@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spa.bench.timing import environment, interleaved_rounds, median_ratio
+from spa.errors import ConfigError
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
 
@@ -66,7 +67,7 @@ def _backbone_configs(
     dense: list[str] = []
     for name in models:
         if name not in list_backbones():
-            raise ValueError(f"unknown backbone {name!r}; choose from {list_backbones()}")
+            raise ConfigError(f"unknown backbone {name!r}; choose from {list_backbones()}")
         if is_spt_name(name):
             for layout in layouts:
                 for ratio in keep_ratios:
@@ -262,16 +263,16 @@ def bench_backbone(
     say = progress or (lambda msg: None)
     for name, values in (("layouts", layouts), ("keep_ratios", keep_ratios)):
         if not values:
-            raise ValueError(f"{name} must not be empty")
+            raise ConfigError(f"{name} must not be empty")
     bad = [lay for lay in layouts if lay not in LAYOUTS]
     if bad:
-        raise ValueError(f"unknown layout(s) {bad}; choose from {LAYOUTS}")
+        raise ConfigError(f"unknown layout(s) {bad}; choose from {LAYOUTS}")
     if any(not 0.0 < r <= 1.0 for r in keep_ratios):
-        raise ValueError(f"keep ratios must be in (0, 1], got {list(keep_ratios)}")
+        raise ConfigError(f"keep ratios must be in (0, 1], got {list(keep_ratios)}")
     if not sizes or not batch_sizes or any(s < 32 for s in sizes) or any(b < 1 for b in batch_sizes):
-        raise ValueError(f"need sizes >= 32 and batch sizes >= 1, got {list(sizes)} and {list(batch_sizes)}")
+        raise ConfigError(f"need sizes >= 32 and batch sizes >= 1, got {list(sizes)} and {list(batch_sizes)}")
     if rounds < 1 or warmup < 0:
-        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
+        raise ConfigError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
     checkpoint_model = None
     if checkpoint is not None:
         from spa.engine.checkpoint import load_checkpoint
@@ -280,7 +281,7 @@ def bench_backbone(
         from spa.models import is_spt_name
 
         if not is_spt_name(checkpoint_model):
-            raise ValueError(f"{checkpoint} holds a dense {checkpoint_model}; a trained SPT gate is needed")
+            raise ConfigError(f"{checkpoint} holds a dense {checkpoint_model}; a trained SPT gate is needed")
     image_paths: list[str] = []
     if images:
         from spa.viz import _image_paths

@@ -1,4 +1,4 @@
-"""``spa data make`` and ``spa data show``."""
+"""``spa data make``, ``spa data show`` and ``spa data check``."""
 
 from __future__ import annotations
 
@@ -36,9 +36,29 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from spa.config import RunConfig
+    from spa.data.check import check_dataset
+    from spa.tasks.base import get_task
+
+    cfg = RunConfig(task=args.task, data=args.spec, data_dir=args.data_dir)
+    task = get_task(args.task)
+    splits = {"train": None, "val": None}
+    try:
+        splits["train"], splits["val"] = task.datasets(cfg)
+    except FileNotFoundError:  # a set with one split only (e.g. VOC val): check what there is
+        splits = {"val": task.eval_dataset(cfg)}
+    bad = 0
+    for split, dataset in splits.items():
+        report = check_dataset(dataset, args.mode, f"{args.spec} ({split})")
+        print(report.summary(limit=args.limit))
+        bad += len(report.problems)
+    return 1 if bad else 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``spa data {make,show}``."""
-    p = subparsers.add_parser("data", help="built-in dataset: generate and look at it")
+    """Add ``spa data {make,show,check}``."""
+    p = subparsers.add_parser("data", help="built-in dataset: generate and look at it; check any data spec")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     m = sub.add_parser("make", help="generate the built-in COCO-format detection set (no download)")
@@ -59,3 +79,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("-n", type=int, default=8, help="number of samples")
     s.add_argument("--split", default=None, help="split of a built-in set (default train)")
     s.set_defaults(func=_show)
+
+    from spa.data.specs import DATA_SPEC_HELP
+
+    c = sub.add_parser(
+        "check",
+        help="read every annotation and open every image of a data spec; list all problems (exit 1 if any)",
+        epilog=f"SPEC: {DATA_SPEC_HELP}",
+    )
+    c.add_argument("spec", help="a data spec, as spa train --data takes it")
+    c.add_argument(
+        "--task", default="detect", choices=("detect", "classify", "multilabel"), help="how to read it"
+    )
+    c.add_argument(
+        "--mode",
+        default="full",
+        choices=("full", "quick"),
+        help="full: decode every image (default); quick: headers",
+    )
+    c.add_argument("--data-dir", default="data/builtin", help="where the plain 'builtin' spec lives")
+    c.add_argument("--limit", type=int, default=50, help="problems listed per split at most")
+    c.set_defaults(func=_check)

@@ -311,14 +311,19 @@ class CocoDetection(torch.utils.data.Dataset):
             masks,
         )
 
-    def __getitem__(self, index: int):
+    def image_file(self, index: int) -> tuple[Path, tuple[int, int] | None, str]:
+        """``(path, (H, W) the annotations give, context for messages)`` of an image, without reading it."""
         image_id = self.ids[index]
         info = self.images[image_id]
-        image = load_rgb(
+        return (
             self.root / info["file_name"],
-            f"image id {image_id} of {self.ann_file}",
-            expect_size=(int(info["height"]), int(info["width"])),
+            (int(info["height"]), int(info["width"])),
+            (f"image id {image_id} of {self.ann_file}"),
         )
+
+    def __getitem__(self, index: int):
+        path, size, context = self.image_file(index)
+        image = load_rgb(path, context, expect_size=size)
         target = self.load_target(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

@@ -10,10 +10,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 
-__all__ = ["DatasetError", "load_rgb", "make_target", "warn_dropped"]
+from spa.errors import SpaError
+
+__all__ = ["DatasetError", "check_image_header", "load_rgb", "make_target", "warn_dropped"]
 
 
-class DatasetError(ValueError):
+class DatasetError(SpaError, ValueError):
     """Bad dataset input (corrupt annotation file, unknown id, unreadable image, ...); the message names
     the file and the entry."""
 
@@ -48,6 +50,23 @@ def load_rgb(path: Path, context: str, expect_size: tuple[int, int] | None = Non
             f"{expect_size[0]}x{expect_size[1]} ({context})"
         )
     return tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0))
+
+
+def check_image_header(path: Path, context: str, expect_size: tuple[int, int] | None = None) -> None:
+    """Open an image file's header only (no decode): it exists, PIL knows its format, and its size is the
+    annotations' ``(H, W)``. Raises what :func:`load_rgb` would for those cases."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file missing ({context})")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable image ({context}): {e}") from e
+    if expect_size is not None and (h, w) != tuple(expect_size):
+        raise DatasetError(
+            f"{path}: image is {h}x{w} (HxW) but the annotations say {expect_size[0]}x{expect_size[1]} ({context})"
+        )
 
 
 def make_target(

@@ -70,6 +70,10 @@ class _FolderItems(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
+    def image_file(self, index: int) -> tuple[Path, None, str]:
+        """``(path, None, context)`` of an image, without reading it."""
+        return Path(self.folder.samples[index][0]), None, f"{self.folder.root}, item {index}"
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image, label = self.folder[index]
         return image, {"label": torch.tensor(label, dtype=torch.int64)}

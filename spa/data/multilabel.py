@@ -100,6 +100,10 @@ class BoxedMultiLabelView(MultiLabelView):
         rows = self.indices if self.indices is not None else range(len(self.dataset))
         return torch.stack([multi_hot(self.dataset.image_labels(i), self.num_classes) for i in rows])
 
+    def image_file(self, index: int) -> tuple[Path, tuple[int, int] | None, str]:
+        """The wrapped dataset's ``image_file`` of an item."""
+        return self.dataset.image_file(self.indices[index] if self.indices is not None else index)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.indices is not None:
             index = self.indices[index]
@@ -160,6 +164,10 @@ class MultiLabelList(Dataset):
 
     def targets(self) -> torch.Tensor:
         return torch.stack([multi_hot(labels, self.num_classes) for _, labels in self.items])
+
+    def image_file(self, index: int) -> tuple[Path, None, str]:
+        """``(path, None, context)`` of an item's image, without reading it."""
+        return self.items[index][0], None, f"{self.root}, item {index}"
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         path, labels = self.items[index]

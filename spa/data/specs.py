@@ -25,6 +25,7 @@ from typing import Any
 __all__ = [
     "DATA_SPEC_HELP",
     "BuiltinOptions",
+    "absolute_spec",
     "check_classes",
     "open_classification",
     "open_detection",
@@ -37,6 +38,16 @@ DATA_SPEC_HELP = (
     "(ROOT/{train,val}/CLASS/IMAGE); --task multilabel also takes labels:DIR "
     "(DIR/classes.txt + DIR/{train,val}.txt lines 'IMAGE CLASS ...')"
 )
+
+
+def absolute_spec(spec: str, base: str | Path) -> str:
+    """``spec`` with its paths made absolute against ``base`` (``builtin`` and absolute paths unchanged), so a
+    stored spec opens from any working folder."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest or kind not in ("builtin", "coco", "voc", "folder", "labels"):
+        return spec
+    parts = rest.split(":", 1) if kind == "coco" else [rest]
+    return kind + ":" + ":".join(str((Path(base) / p).resolve()) if p else p for p in parts)
 
 
 @dataclass(frozen=True)

@@ -122,10 +122,19 @@ class VOCDetection(torch.utils.data.Dataset):
         """Labels of an image's objects (difficult ones only with ``include_difficult``)."""
         return [lab for _, lab, d in self._parse(index)[2] if self.include_difficult or not d]
 
+    def image_file(self, index: int) -> tuple[Path, tuple[int, int] | None, str]:
+        """``(path, (H, W) from the xml or None, context for messages)``; parses (checks) the annotation."""
+        file_name, size, _ = self._parse(index)
+        return (
+            self.root / "JPEGImages" / file_name,
+            size,
+            f"image id {self.ids[index]} of {self.root / 'Annotations'}",
+        )
+
     def __getitem__(self, index: int):
-        file_name, size, objs = self._parse(index)
-        path = self.root / "JPEGImages" / file_name
-        image = load_rgb(path, f"image id {self.ids[index]} of {self.root / 'Annotations'}", expect_size=size)
+        path, size, context = self.image_file(index)
+        _, _, objs = self._parse(index)
+        image = load_rgb(path, context, expect_size=size)
         h, w = image.shape[-2:]
         objs = [o for o in objs if self.include_difficult or not o[2]]
         if size is None:  # no <size> in the xml: clip to the file's size, drop what is left empty

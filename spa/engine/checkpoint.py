@@ -1,10 +1,17 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``, refused when they do not match."""
+"""Checkpoints: written atomically, read with ``weights_only=True``, refused when they do not match.
+
+:func:`load_checkpoint` also reads a ``.safetensors`` file written by ``spa export`` (:mod:`spa.export`), as
+the weights-only state ``{"model", "meta", "extra", ...}``.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,31 +19,39 @@ import numpy as np
 import torch
 from torch import nn
 
+from spa.errors import SpaError
+
 __all__ = [
     "CheckpointError",
+    "atomic_write",
     "capture_rng",
+    "finite_or_none",
     "load_checkpoint",
     "load_model_state",
     "restore_rng",
     "save_checkpoint",
+    "write_json",
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SpaError, RuntimeError):
     """A checkpoint that cannot be read, or that belongs to another model or configuration."""
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
+    """Call ``write(binary file)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
 
-    A crash mid-write never leaves a truncated file under ``path`` (the previous checkpoint stays).
+    A crash mid-write never leaves a truncated file under ``path`` (the previous file stays).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,18 +61,55 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN/inf float (in nested dicts/lists) replaced by ``None``: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> Path:
+    """Strict JSON (NaN / inf written as null), written atomically (:func:`atomic_write`)."""
+    text = json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` with ``torch.save``, atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(..., weights_only=True)``; clear errors for missing/unreadable."""
+    """Read a checkpoint with ``torch.load(..., weights_only=True)`` (or an ``spa export`` ``.safetensors``
+    file); clear errors for missing/unreadable."""
     path = Path(path)
+    if path.suffix == ".safetensors":
+        from spa.export import load_export  # spa.export builds on this module
+
+        return load_export(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle with unsafe globals, not a checkpoint at all...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(err)}") from err
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not an spa checkpoint (no 'model' entry)")
     return state
+
+
+def _why_unreadable(err: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` refused a file (never PyTorch's advice to unpickle
+    it with ``weights_only=False``: spa does not run code from files)."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        return "it holds Python objects other than tensors and plain data (spa never unpickles code)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"not a PyTorch checkpoint or truncated ({type(err).__name__}: {first})"
 
 
 def load_model_state(

@@ -8,7 +8,6 @@ stored in every checkpoint, so ``spa eval`` finds the data the model was trained
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,10 @@ from typing import Any
 import torch
 
 from spa.config import TASKS, RunConfig, add_config_flags, resolve_config
-from spa.engine.checkpoint import CheckpointError, load_checkpoint
+from spa.engine.checkpoint import CheckpointError, load_checkpoint, write_json
 from spa.engine.distributed import init_distributed
 from spa.engine.trainer import TrainConfig, Trainer
+from spa.errors import SpaError
 from spa.gate import set_keep_threshold
 
 __all__ = [
@@ -55,6 +55,65 @@ def load_classifier(checkpoint: str | Path, expect: dict[str, Any] | None = None
     return load_model(checkpoint, expect, task=("classify", "multilabel"))
 
 
+class RunFolderError(SpaError, ValueError):
+    """A run folder that already holds another run (``--resume`` or ``--overwrite`` decide)."""
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "pretrained.json", "checkpoints", "tb")
+
+
+def prepare_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` unless resuming or ``overwrite``; ``overwrite`` removes the earlier run's
+    files (only those spa writes: ``RUN_FILES``)."""
+    import shutil
+
+    if resume is not None or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise RunFolderError(
+            f"{out} is not empty (an earlier run?): pass --resume {out / 'checkpoints' / 'last.pt'} to continue "
+            "it, --overwrite to start over in it, or another --out"
+        )
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def check_run_data(cfg: RunConfig, train_set: Any, val_set: Any, log: bool) -> Any:
+    """``--check-data`` before step 1: every problem of both splits at once (``DatasetError``), or, with
+    ``--bad-images skip``, the training set without its bad items (evaluation data must be clean)."""
+    from spa.data import DatasetError
+    from spa.data.check import SkipItems, check_dataset
+
+    if cfg.check_data == "off":
+        return train_set
+    train = check_dataset(train_set, cfg.check_data, f"{cfg.data} (train)")
+    val = check_dataset(val_set, cfg.check_data, f"{cfg.val_data or cfg.data} (val)")
+    if val.problems or (train.problems and cfg.bad_images == "error"):
+        found = [r.summary() for r in (train, val) if r.problems]
+        hint = "; --bad-images skip trains without the bad training images" if train.problems else ""
+        raise DatasetError("\n".join(found) + f"\n(found by --check-data {cfg.check_data}{hint})")
+    if train.problems:
+        if log:
+            print(
+                f"[spa train] skipping {len(train.problems)} bad training images:\n{train.summary()}",
+                flush=True,
+            )
+        return SkipItems(train_set, train.bad_indices)
+    return train_set
+
+
+def dataset_classes(dataset: Any) -> dict[str, Any]:
+    """Class names and (detection) the dataset's category id of each label, kept with the checkpoints so
+    that predictions use the dataset's own ids."""
+    names = [str(n) for n in getattr(dataset, "class_names", [])]
+    mapping = getattr(dataset, "label_to_cat_id", None) or {i: i for i in range(1, len(names) + 1)}
+    return {"names": names, "label_to_cat_id": {int(k): int(v) for k, v in mapping.items()}}
+
+
 def run_training(
     cfg: RunConfig,
     resume: str | None = None,
@@ -62,33 +121,54 @@ def run_training(
     progress: bool = True,
     device: str | None = None,
     log: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train (and evaluate) one run of any task; returns ``{"summary", "eval" (main process, when
-    ``evaluate``), "model"}``. Writes ``OUT/config.yaml``, checkpoints and ``OUT/eval.json``."""
-    from spa.config import config_from
+    ``evaluate``), "model", "pretrained" (the load report, if any)}``. Writes ``OUT/config.yaml``,
+    checkpoints and ``OUT/eval.json``.
+
+    Paths in ``cfg`` (data specs, ``data_dir``, ``pretrained``) are made absolute first, so the stored
+    configuration opens from any folder. A ``--pretrained`` file is read and checked before any data is
+    opened; the model's initialisation is seeded by ``cfg.seed`` (two identical runs give identical losses).
+    """
+    from spa.config import absolute_paths, config_from
+    from spa.engine.pretrained import load_pretrained, read_pretrained
     from spa.models import set_grad_checkpointing
     from spa.tasks.base import checkpoint_meta, get_task
 
+    cfg = RunConfig(**absolute_paths(asdict(cfg), Path.cwd()))
     task = get_task(cfg.task)
+    out = Path(cfg.out)
     dist_info = init_distributed(device)
-    torch.manual_seed(cfg.seed)
+    if dist_info.is_main:
+        prepare_run_folder(out, resume, overwrite)
+    pretrained = read_pretrained(cfg.pretrained) if cfg.pretrained else None
     if dist_info.distributed and not dist_info.is_main:
         torch.distributed.barrier()  # rank 0 first: it may generate the built-in set, others then read it
     train_set, val_set = task.datasets(cfg)
     if dist_info.distributed and dist_info.is_main:
         torch.distributed.barrier()
+    train_set = check_run_data(cfg, train_set, val_set, log and dist_info.is_main)
     model_config = task.model_config(cfg, train_set)
+    torch.manual_seed(cfg.seed)
     model = task.build(model_config)
+    report = load_pretrained(model, cfg.pretrained, pretrained) if pretrained else None
     if cfg.grad_checkpointing:
         set_grad_checkpointing(model)  # a memory setting of this run, not part of the saved model
-    out = Path(cfg.out)
+    extra: dict[str, Any] = {"run_config": asdict(cfg), "classes": dataset_classes(train_set)}
+    if report is not None:
+        extra["pretrained"] = report.to_dict()
     if dist_info.is_main:
         import yaml
 
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        if report is not None:
+            write_json(out / "pretrained.json", report.to_dict())
         if log:
             print(f"[spa train] {task.describe(model_config)} on {cfg.data} -> {out}", flush=True)
+            if report is not None:
+                print(f"[spa train] {report.summary()}", flush=True)
     train_config = config_from(TrainConfig, cfg, out_dir=cfg.out, progress=progress)
     trainer = Trainer(
         model,
@@ -97,10 +177,10 @@ def run_training(
         train_config,
         checkpoint_meta(task, model_config),
         dist_info,
-        extra={"run_config": asdict(cfg)},
+        extra=extra,
     )
     summary = trainer.train(resume=resume)
-    result: dict[str, Any] = {"summary": summary, "model": model}
+    result: dict[str, Any] = {"summary": summary, "model": model, "pretrained": report}
     if dist_info.is_main:
         if log:
             print(
@@ -108,7 +188,7 @@ def run_training(
             )
         if evaluate:
             metrics = task.evaluate(model, val_set, cfg.eval_batch_size, dist_info.device, progress)
-            (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+            write_json(out / "eval.json", metrics)
             if log:
                 print(task.format(metrics), flush=True)
             result["eval"] = metrics
@@ -122,12 +202,19 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(RunConfig)}
     cfg = resolve_config(args.config, overrides)
     run_training(
-        cfg, resume=args.resume, evaluate=not args.no_eval, progress=not args.quiet, device=args.device
+        cfg,
+        resume=args.resume,
+        evaluate=not args.no_eval,
+        progress=not args.quiet,
+        device=args.device,
+        overwrite=args.overwrite,
     )
     return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from spa.config import absolute_paths
+    from spa.data.specs import DATA_SPEC_HELP, absolute_spec
     from spa.tasks.base import get_task, load_model
 
     state = load_checkpoint(args.checkpoint)
@@ -138,28 +225,46 @@ def _run_eval(args: argparse.Namespace) -> int:
         )
     task_name = stored_task if stored_task in TASKS else "detect"
     task = get_task(task_name)
+    if args.predictions and task_name != "detect":
+        raise CheckpointError(
+            f"--predictions writes COCO detections; {args.checkpoint} is a {stored_task!r} checkpoint"
+        )
     expect = (
         {"model": args.model, "detector": args.detector} if task_name == "detect" else {"model": args.model}
     )
     model, state = load_model(args.checkpoint, expect=expect, task=task_name)
     if args.keep_threshold is not None:
         set_keep_threshold(model, args.keep_threshold)
-    run_cfg = RunConfig(**(state.get("extra") or {}).get("run_config", {}))
+    stored = (state.get("extra") or {}).get("run_config")
+    if stored is None and not args.data:  # never fall back to generating the built-in set
+        raise CheckpointError(
+            f"{args.checkpoint} does not record its data: pass --data SPEC ({DATA_SPEC_HELP})"
+        )
+    run_cfg = RunConfig(**absolute_paths(stored or {"task": task_name}, Path.cwd()))
     if args.data:
-        run_cfg.data, run_cfg.val_data = args.data, None
+        run_cfg.data, run_cfg.val_data = absolute_spec(args.data, Path.cwd()), None
     try:
         val_set = task.eval_dataset(run_cfg, model)
     except ValueError as err:
         raise CheckpointError(f"{args.checkpoint}: {err}") from err
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = task.evaluate(model, val_set, args.batch_size, device, not args.quiet)
+    if args.predictions:  # the same pass, with the COCO results it scored
+        from spa.predict import coco_records
+        from spa.tasks.evaluation import evaluate_detection
+
+        result = evaluate_detection(
+            model, val_set, args.batch_size, device, progress=not args.quiet, return_results=True
+        )
+        scored = result.pop("results")
+        records = coco_records(scored["bbox"], scored["segm"])
+        print(f"wrote {write_json(args.predictions, records, indent=None)} ({len(records)} detections)")
+    else:
+        result = task.evaluate(model, val_set, args.batch_size, device, not args.quiet)
     result["checkpoint"] = str(args.checkpoint)
     result["keep_threshold"] = args.keep_threshold
     print(task.format(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        print(f"wrote {write_json(args.out, result)}")
     return 0
 
 
@@ -175,6 +280,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--config", help="YAML file with RunConfig options (flags override it)")
     add_config_flags(train)
     train.add_argument("--resume", help="checkpoint to continue from (same model and configuration)")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a non-empty --out (removes the earlier run's files)",
+    )
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -191,6 +301,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--keep-threshold", type=float, help="override the gates' inference keep threshold")
     ev.add_argument("--batch-size", type=int, default=4, help="evaluation batch size (default: 4)")
     ev.add_argument("--out", help="write the metrics JSON here")
+    ev.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="detect: also write the evaluated set's detections here, as COCO results (pycocotools loadRes)",
+    )
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_run_eval)

@@ -7,6 +7,14 @@ mode (torchvision's detection convention); the loop minimises their sum. A model
 Exact resume: data order is a pure function of ``(seed, epoch)``, every sample's augmentation randomness
 of ``(seed, epoch, index)``, and checkpoints carry the model, optimizer, scheduler, step, data position and
 every RNG state, so a resumed run repeats the uninterrupted run's steps.
+
+Checkpoints (rank 0 writes, atomically): ``OUT/checkpoints/last.pt`` holds the full state a resume needs and
+is rewritten every ``checkpoint_every`` steps, at each epoch end and at the end; nothing else is kept by
+default. With ``keep_checkpoints=K`` each ``checkpoint_every`` save also writes ``step_NNNNNN.pt`` and only
+the K newest of those stay (weights, meta and extra only, unless ``keep_optimizer``).
+
+Logs: ``OUT/metrics.jsonl``, one strict-JSON record per logged step (NaN/inf written as ``null``), and
+TensorBoard when it is installed.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -29,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from spa.engine.checkpoint import (
     CheckpointError,
     capture_rng,
+    finite_or_none,
     load_checkpoint,
     load_model_state,
     restore_rng,
@@ -37,6 +47,16 @@ from spa.engine.checkpoint import (
 from spa.engine.distributed import DistInfo, init_distributed
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "epoch_batches", "move_to"]
+
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` mode on ``device`` (None: full precision)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,17 +77,27 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     clip_grad: float | None = 5.0
     gate_lr_scale: float = 10.0
-    amp: bool = True
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), off, bf16, fp16 (with loss scaling)
     seed: int = 0
     num_workers: int = 0
     log_every: int = 1
     checkpoint_every: int = 50
+    keep_checkpoints: int = 0
+    keep_optimizer: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.amp, bool):  # configs written before amp took a mode
+            self.amp = "auto" if self.amp else "off"
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         for name in ("epochs", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int):
+            raise ValueError(f"keep_checkpoints must be an integer, got {self.keep_checkpoints!r}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.lr <= 0 or self.warmup_steps < 0:
@@ -92,6 +122,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+_STEP_FILE = re.compile(r"step_(\d+)\.pt")
+
+
+def _step_files(folder: Path) -> dict[int, Path]:
+    """``step -> path`` of the ``step_NNNNNN.pt`` files in ``folder``."""
+    if not folder.is_dir():
+        return {}
+    found = ((_STEP_FILE.fullmatch(p.name), p) for p in folder.iterdir())
+    return {int(m.group(1)): p for m, p in found if m}
 
 
 def _logged_step(line: str) -> int | None:
@@ -213,6 +254,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, config.lr, config.weight_decay, config.gate_lr_scale), lr=config.lr
         )
+        # loss scaling for fp16 only (bf16 has fp32's range); disabled, it passes everything through
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self._lr_factor = _lr_lambda(config.warmup_steps, self.total_steps, config.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.out_dir = Path(config.out_dir)
@@ -220,6 +263,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.next_batch = 0
+        self._saved_step: int | None = None  # the step last.pt was last written at
         self._writer = None
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -246,6 +290,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
             "next_batch": self.next_batch,
@@ -256,16 +301,49 @@ class Trainer:
             "extra": self.extra,
         }
 
-    def save(self, name: str = "last.pt") -> Path | None:
-        """Write a checkpoint. Every rank calls it (each rank's RNG states are gathered); rank 0 writes."""
+    def weights_state(self) -> dict[str, Any]:
+        """What evaluating or exporting the model needs (no optimizer, scheduler or RNG states)."""
+        return {
+            "model": self.model.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "meta": self.meta,
+            "extra": self.extra,
+        }
+
+    def save(self, name: str = "last.pt", keep_step: bool = False) -> Path | None:
+        """Write the full state to ``checkpoints/name``; with ``keep_step`` (and ``keep_checkpoints``) also
+        ``step_NNNNNN.pt``, then drop the older step files. Every rank calls it (each rank's RNG states are
+        gathered); rank 0 writes and deletes. Returns the path written (``None`` on other ranks)."""
         rng_per_rank = self._rng_per_rank()
+        if name == "last.pt":
+            self._saved_step = self.step
         if not self.dist.is_main:
             return None
-        return save_checkpoint(self.checkpoint_dir / name, self.state(rng_per_rank))
+        state = self.state(rng_per_rank)
+        path = save_checkpoint(self.checkpoint_dir / name, state)
+        if keep_step and self.config.keep_checkpoints:
+            snapshot = state if self.config.keep_optimizer else self.weights_state()
+            save_checkpoint(self.checkpoint_dir / f"step_{self.step:06d}.pt", snapshot)
+            self._prune_step_files()
+        return path
+
+    def _prune_step_files(self) -> None:
+        """Keep the ``keep_checkpoints`` newest step files up to this step (later ones, left by a run that
+        went further before this one resumed from an earlier checkpoint, are not this run's to delete)."""
+        files = _step_files(self.checkpoint_dir)
+        older = sorted(step for step in files if step <= self.step)
+        for step in older[: -self.config.keep_checkpoints]:
+            files[step].unlink(missing_ok=True)
 
     def resume(self, path: str | Path) -> None:
         """Continue exactly from a checkpoint of this model, configuration and data plan."""
         state = load_checkpoint(path)
+        if "optimizer" not in state:
+            raise CheckpointError(
+                f"{path} holds weights only (no optimizer, scheduler or data position): resume from "
+                "checkpoints/last.pt, or keep step checkpoints with keep_optimizer=True"
+            )
         if state.get("meta") != self.meta:
             theirs, ours = state.get("meta") or {}, self.meta
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -285,6 +363,8 @@ class Trainer:
         load_model_state(self.model, state["model"], source=str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.next_batch = state["step"], state["epoch"], state["next_batch"]
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == self.dist.world_size:
@@ -294,6 +374,15 @@ class Trainer:
             if self.dist.distributed:
                 _seed_everything(self.config.seed + 1_000_003 * self.step + self.dist.rank)
         self._truncate_log(self.step)
+
+    def _final_save(self) -> Path | None:
+        """``last.pt`` at the end of training, unless it was just written at this step; under DDP every
+        rank returns only once it is on disk (other ranks may read it next)."""
+        if self._saved_step != self.step:  # every rank tracks it: all take the same branch (a collective)
+            self.save()
+        if self.dist.distributed:
+            dist.barrier()
+        return self.checkpoint_dir / "last.pt" if self.dist.is_main else None
 
     # -- logging -----------------------------------------------------------------------------------
     @property
@@ -313,7 +402,7 @@ class Trainer:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         if self._writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -365,8 +454,8 @@ class Trainer:
     def train_step(self, images: Any, targets: Any) -> dict[str, float]:
         """One optimizer step; returns the logged values."""
         self.train_model.train()
-        autocast = self.config.amp and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+        dtype = autocast_dtype(self.config.amp, self.device)
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             losses = self.train_model(images, targets)
         if not isinstance(losses, dict) or not losses:
             raise TypeError("in training mode the model must return a non-empty dict of losses")
@@ -374,14 +463,17 @@ class Trainer:
         if not self._all_finite(loss):
             raise self._stop("loss", {k: float(v.detach()) for k, v in losses.items()})
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         # the total gradient norm, always: a finite loss can still give NaN/inf gradients (clipping with an
-        # infinite bound only measures)
+        # infinite bound only measures). With fp16 loss scaling an overflow is expected now and then: the
+        # scaler skips that step and lowers its scale instead of stopping the run.
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad or math.inf)
-        if not self._all_finite(grad_norm):
+        if not self.scaler.is_enabled() and not self._all_finite(grad_norm):
             raise self._stop("gradient norm", {"grad_norm": float(grad_norm)})
         lr = self.config.lr * self._lr_factor(self.scheduler.last_epoch)  # the base rate this step used
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         record = {"lr": lr, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
         record["grad_norm"] = float(grad_norm)
@@ -418,13 +510,12 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{record['loss']:.3f}")
-                if self.step % self.config.checkpoint_every == 0 or self.next_batch == 0:
-                    self.save()
-                    if self.next_batch == 0:
-                        self.save(f"epoch_{self.epoch:03d}.pt")
+                periodic = self.step % self.config.checkpoint_every == 0
+                if periodic or self.next_batch == 0:
+                    self.save(keep_step=periodic)
                 if self.step >= self.total_steps or self.next_batch == 0:
                     break
         if progress is not None:
             progress.close()
-        path = self.save()
+        path = self._final_save()
         return {"steps": self.step, "epoch": self.epoch, "last": last_record, "checkpoint": str(path)}

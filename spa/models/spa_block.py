@@ -234,6 +234,10 @@ class SPABlock(nn.Module):
         factor still come from the gate); tests and analyses use it to force a selection.
 
         Returns the output map ``[B, H, W, C]`` and this block's ``Selection``.
+
+        Under autocast the residual stream keeps ``x``'s dtype (as timm's Swin block: an fp32 input gives an
+        fp32 output, a bf16 one a bf16 output) while the linear layers and attention run in the autocast
+        dtype; the gate's logits (hence the ``Selection``'s) and keep decision are always at least float32.
         """
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"SPABlock expects [B, H, W, {self.dim}] input, got {tuple(x.shape)}")
@@ -298,8 +302,8 @@ class SPABlock(nn.Module):
             return region[:, :, None] == region[:, None, :]
 
         update = self.attn(self.norm1(rows), packed, pair_bias=pair_bias, pair_mask=pair_mask)
-        if soft is not None:
-            update = update * packed.select(soft)[:, None]
+        if soft is not None:  # the gate's fp32 factor, in the update's precision (a no-op in fp32)
+            update = update * packed.select(soft).to(update.dtype)[:, None]
         if scale is not None:  # [2, B]: attention branch, MLP branch
             if packed.layout == "masked":
                 row_scale = scale.repeat_interleave(packed.num_tokens, dim=1)[:, :, None]
@@ -322,4 +326,4 @@ class SPABlock(nn.Module):
         update = self.mlp(self.norm2(rest))
         if scale is not None:
             update = update * scale[index // N][:, None]
-        return flat.index_copy(0, index, rest + update).view(B, N, C)
+        return flat.index_copy(0, index, (rest + update).to(flat.dtype)).view(B, N, C)

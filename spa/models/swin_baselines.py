@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
@@ -48,6 +49,20 @@ class SwinFeatures(NCHWFeatures):
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stages' NHWC outputs as NCHW views, without the copy timm's ``forward_intermediates`` makes
+        (the FPN's 1x1 convolutions read either layout; this keeps the numbers of the hook-based extractor
+        detectors were trained with before)."""
+        model, take = self.model, set(self.out_indices)
+        x = model.patch_embed(x)
+        maps = []
+        for i, stage in enumerate(model.layers[: max(take) + 1]):
+            x = stage(x)
+            if i in take:
+                out = model.norm(x) if self.norm and i == len(model.layers) - 1 else x
+                maps.append(out.permute(0, 3, 1, 2))
+        return maps
 
 
 def _rename_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

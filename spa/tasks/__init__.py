@@ -19,6 +19,7 @@ from spa.tasks.detection import (
     DetectorOutput,
     SPADetector,
     build_detector,
+    with_selection_loss,
 )
 from spa.tasks.evaluation import evaluate_classification, evaluate_detection
 
@@ -44,4 +45,5 @@ __all__ = [
     "evaluate_detection",
     "get_task",
     "load_model",
+    "with_selection_loss",
 ]

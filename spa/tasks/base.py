@@ -66,6 +66,9 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as, of any task, and load its weights (all or nothing).
 
+    ``checkpoint`` is a ``.pt`` checkpoint of ``spa train`` or a ``.safetensors`` file of ``spa export``
+    (read by :func:`spa.engine.checkpoint.load_checkpoint`; an export's state is ``{"model", "meta",
+    "extra", ...}``).
     ``task`` (a name or a tuple of names, if given) must include the checkpoint's task; ``expect`` (e.g. ``{"model": "spt_tiny"}``) must agree
     with its stored model configuration (``None`` values are ignored). Returns ``(model, checkpoint state)``.
     """

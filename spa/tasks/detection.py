@@ -21,7 +21,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from spa.labels import batch_selection_labels
+from spa.labels import batch_selection_labels, check_target_frame
 from spa.losses import SELECT_LOSS_NAME, selection_loss
 from spa.models import create_backbone, is_spt
 from spa.selection import Selection, keep_ratios, token_counts
@@ -29,10 +29,12 @@ from spa.selection import Selection, keep_ratios, token_counts
 __all__ = [
     "DETECTORS",
     "BackboneWithFPN",
+    "DetectionTask",
     "DetectorConfig",
     "DetectorOutput",
     "SPADetector",
     "build_detector",
+    "with_selection_loss",
 ]
 
 DETECTORS = ("faster_rcnn", "mask_rcnn")
@@ -200,6 +202,7 @@ class SPADetector(nn.Module):
         image_sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]
         labels: dict[int, torch.Tensor] = {}
         if targets is not None and selections:
+            check_target_frame(targets, image_sizes)  # boxes / masks in the frame the backbone sees
             labels = {
                 s: batch_selection_labels(
                     targets, input_size, s, use_masks=self.config.use_masks_for_labels,
@@ -265,6 +268,44 @@ def build_detector(config: DetectorConfig | None = None, **overrides: Any) -> SP
         )
     else:
         detector = FasterRCNN(backbone, **common)
+    return SPADetector(detector, config)
+
+
+def with_selection_loss(
+    detector: GeneralizedRCNN,
+    selection_alpha: float = 0.01,
+    supervise_gate: bool = True,
+    use_masks_for_labels: bool = True,
+) -> SPADetector:
+    """Your own torchvision two-stage detector (Faster / Mask / Keypoint R-CNN, any heads or anchors) whose
+    backbone is :class:`BackboneWithFPN` over an SPT body, as an :class:`SPADetector`: its training losses
+    include ``loss_select``, with labels built from the targets in the frame the backbone saw (targets in
+    another frame raise). torchvision's own ``BackboneWithFPN`` expects ``IntermediateLayerGetter`` features
+    and cannot wrap a timm feature extractor: build the backbone with ``spa.tasks.BackboneWithFPN(body, C)``.
+    """
+    backbone = getattr(detector, "backbone", None)
+    if not isinstance(detector, GeneralizedRCNN) or not hasattr(backbone, "forward_with_selections"):
+        raise TypeError(
+            "expected a torchvision GeneralizedRCNN whose backbone is spa.tasks.BackboneWithFPN(body, "
+            f"out_channels); got {type(detector).__name__} with backbone {type(backbone).__name__}"
+        )
+    body = backbone.body
+    name = str((getattr(body, "pretrained_cfg", None) or {}).get("architecture", type(body).__name__))
+    predictor = getattr(detector.roi_heads, "box_predictor", None)
+    classes = int(getattr(getattr(predictor, "cls_score", None), "out_features", 2)) - 1
+    transform = detector.transform
+    config = DetectorConfig(  # describes the detector (evaluation, logs); build_detector cannot rebuild it
+        model=name,
+        detector="mask_rcnn" if detector.roi_heads.has_mask() else "faster_rcnn",
+        num_classes=max(classes, 1),
+        img_size=int(transform.min_size[0]),
+        min_size=int(transform.min_size[0]),
+        max_size=int(transform.max_size),
+        fpn_channels=int(backbone.out_channels),
+        selection_alpha=selection_alpha,
+        supervise_gate=supervise_gate,
+        use_masks_for_labels=use_masks_for_labels,
+    )
     return SPADetector(detector, config)
 
 

@@ -92,12 +92,15 @@ def evaluate_detection(
     count_gmacs: bool = True,
     progress: bool = False,
     collate_fn: Callable | None = None,
+    return_results: bool = False,
 ) -> dict[str, Any]:
     """Evaluate an :class:`~spa.tasks.SPADetector` on an untransformed detection dataset (COCO json,
     built-in set, VOC, ...).
 
     Returns ``{"bbox": {...}, "segm": {...} (Mask R-CNN), "keep": {stage: {"object", "background"}},
-    "gmacs": {"kept", "executed"}, "images": n}``.
+    "gmacs": {"kept", "executed"}, "images": n}``; with ``return_results``, also ``"results": {"bbox": [...],
+    "segm": [...]}``, the COCO result lists that were scored (dataset category ids; ``segm`` empty for
+    Faster R-CNN), as they were before pycocotools added its own fields to them.
     """
     from spa.data import collate_detection
 
@@ -128,6 +131,7 @@ def evaluate_detection(
         seen += len(images)
         if tally is not None:
             tally.images += len(images)
+    scored = {"bbox": [dict(b) for b in boxes], "segm": [dict(m) for m in masks]} if return_results else None
     result: dict[str, Any] = {"images": seen, "bbox": coco_metrics(coco_gt, boxes, "bbox")}
     if model.config.detector == "mask_rcnn":
         result["segm"] = coco_metrics(coco_gt, masks, "segm")
@@ -137,6 +141,8 @@ def evaluate_detection(
     }
     if count_gmacs:
         result["gmacs"] = _gmacs(tally)
+    if scored is not None:
+        result["results"] = scored
     return result
 
 

@@ -1,0 +1,57 @@
+"""The ``spa`` command: fast help, one-line user errors (exit 2), tracebacks on request."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spa.cli import COMMANDS, main
+from spa.engine import CheckpointError
+
+
+def test_help_imports_neither_spa_nor_torch():
+    code = "import sys, spa_cli\ntry:\n    spa_cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code += "print(sorted(m for m in ('torch', 'spa', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    assert all(verb in out for verb in COMMANDS)
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SPA_DEBUG", raising=False)
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spa eval: error: checkpoint not found") and err.count("\n") == 1
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 64)
+    assert main(["eval", "--checkpoint", str(garbage)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "weights_only" not in err
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save(
+        {"model": {}, "fn": print}, unsafe
+    )  # a pickled Python object: refused, no advice to unpickle it
+    assert main(["eval", "--checkpoint", str(unsafe)]) == 2
+    err = capsys.readouterr().err
+    assert "never unpickles" in err and "weights_only=False" not in err
+    assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "eval", "--checkpoint", str(tmp_path / "none.pt")])
+    monkeypatch.setenv("SPA_DEBUG", "1")
+    with pytest.raises(CheckpointError):
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(b"x")
+        main(["eval", "--checkpoint", str(bad)])
+
+
+def test_names_are_checked_before_any_data_is_opened(capsys):
+    with pytest.raises(SystemExit):  # argparse: the choices come from timm's registry
+        main(["train", "--model", "spt_tinyy", "--data", "coco:/no/such.json:/no/such"])
+    assert "invalid choice: 'spt_tinyy'" in capsys.readouterr().err

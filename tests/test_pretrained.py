@@ -1,0 +1,138 @@
+"""``spa train --pretrained``: a Swin file or an spa checkpoint starts the backbone; bad files fail before any
+data is read; seeded init; run folders (non-empty --out, --overwrite, absolute stored paths)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+from spa.cli import main
+from spa.config import RunConfig
+from spa.data import make_builtin
+from spa.engine import load_checkpoint
+from spa.engine.commands import RunFolderError, run_training
+from spa.engine.pretrained import PretrainedError, read_pretrained
+
+RUN = dict(
+    img_size=64, max_steps=2, batch_size=2, fpn_channels=16, representation_size=32, checkpoint_every=10
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_builtin(tmp_path_factory.mktemp("pre") / "builtin", images=4, val_images=2, size=64, seed=5)
+
+
+@pytest.fixture(scope="module")
+def swin_file(tmp_path_factory) -> Path:
+    """A random Swin of the nano width in timm's layout, saved as a user's weight file."""
+    torch.manual_seed(123)
+    swin = timm.create_model("swin_nano", num_classes=10)
+    path = tmp_path_factory.mktemp("weights") / "swin_nano.pth"
+    torch.save({"model": swin.state_dict()}, path)
+    return path
+
+
+def _cfg(data: Path, out: Path, **kw) -> RunConfig:
+    return RunConfig(data=f"builtin:{data}", out=str(out), **{**RUN, **kw})
+
+
+@pytest.mark.parametrize("model", ["spt_nano", "swin_nano"])
+def test_pretrained_swin_file_starts_the_backbone(data, swin_file, tmp_path, model):
+    source = torch.load(swin_file, weights_only=True)["model"]
+    result = run_training(_cfg(data, tmp_path / "run", model=model, pretrained=str(swin_file), max_steps=1,
+                               lr=1e-12, warmup_steps=0), evaluate=False, progress=False, log=False)  # fmt: skip
+    report = result["pretrained"]
+    assert report.sha256 and report.loaded > 0 and report.source == "swin"
+    body = result["model"].backbone.body.model
+    # stage-1 weights came from the file (lr ~ 0: one step does not move them measurably)
+    torch.testing.assert_close(
+        body.patch_embed.proj.weight, source["patch_embed.proj.weight"], atol=1e-6, rtol=0
+    )
+    if model == "spt_nano":
+        assert any(".gate." in k for k in report.missing)  # the gates start fresh
+        assert report.block_map[2] == [0, 1, 0]  # 3 SPT stage-3 blocks from 2 Swin blocks (shift parity kept)
+    stored = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["extra"]["pretrained"]
+    assert stored["sha256"] == report.sha256 and stored["path"] == str(swin_file.resolve())
+    assert json.loads((tmp_path / "run" / "pretrained.json").read_text())["loaded"] == report.loaded
+
+
+def test_pretrained_from_an_spa_checkpoint_and_yaml_key(data, swin_file, tmp_path):
+    first = run_training(_cfg(data, tmp_path / "a", max_steps=1), evaluate=False, progress=False, log=False)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.pt"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"pretrained": os.path.relpath(ckpt, tmp_path), "task": "multilabel"}))
+    cfg_args = ["--config", str(config), "--data", f"builtin:{data}", "--img-size", "64", "--max-steps", "1",
+                "--batch-size", "2", "--out", str(tmp_path / "b"), "--quiet", "--no-eval", "--lr", "1e-12"]  # fmt: skip
+    assert (
+        main(["train", *cfg_args]) == 0
+    )  # a detector's backbone into a classifier; path relative to the YAML
+    state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert state["extra"]["pretrained"]["source"] == "spa"
+    assert state["extra"]["run_config"]["pretrained"] == str(ckpt.resolve())
+    a = first["model"].backbone.body.model.state_dict()
+    key = "layers.2.blocks.0.gate.proj.weight"  # SPT -> SPT: the trained gate comes along
+    torch.testing.assert_close(state["model"][f"backbone.{key}"], a[key], atol=1e-6, rtol=0)
+
+
+def test_bad_pretrained_files_fail_before_any_data_is_read(tmp_path):
+    missing_data = "coco:/no/such/annotations.json:/no/such/images"  # reading it would fail differently
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
+    for path, message in ((tmp_path / "none.pth", "no such file"), (garbage, "cannot read"),
+                          (foreign, "no backbone weights")):  # fmt: skip
+        with pytest.raises(PretrainedError, match=message):
+            run_training(
+                RunConfig(data=missing_data, pretrained=str(path), out=str(tmp_path / "o")), log=False
+            )
+        with pytest.raises(PretrainedError, match=str(path.name)):
+            read_pretrained(path)
+    wide = tmp_path / "swin_tiny.pth"
+    torch.save(timm.create_model("swin_tiny").state_dict(), wide)
+    with pytest.raises(PretrainedError, match="shape mismatch"):  # Swin-T into a nano backbone
+        from spa.engine.pretrained import load_pretrained
+        from spa.tasks import build_detector
+
+        load_pretrained(build_detector(model="spt_nano", num_classes=2, img_size=64), wide)
+
+
+def test_identical_runs_give_identical_losses_and_the_out_folder_is_guarded(data, tmp_path):
+    def losses(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    torch.manual_seed(999)  # the global RNG state before the call must not matter: the run's seed decides
+    run_training(_cfg(data, tmp_path / "x"), evaluate=False, progress=False, log=False)
+    torch.manual_seed(1)
+    run_training(_cfg(data, tmp_path / "y"), evaluate=False, progress=False, log=False)
+    assert losses(tmp_path / "x") == losses(tmp_path / "y")
+    with pytest.raises(RunFolderError, match="--overwrite"):
+        run_training(_cfg(data, tmp_path / "x"), evaluate=False, progress=False, log=False)
+    run_training(_cfg(data, tmp_path / "x"), evaluate=False, progress=False, log=False, overwrite=True)
+    assert losses(tmp_path / "x") == losses(tmp_path / "y")  # replaced, not appended
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    run_training(_cfg(data, tmp_path / "x"), evaluate=False, progress=False, log=False, overwrite=True)
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"  # only spa's own files are removed
+
+
+def test_stored_data_paths_are_absolute_so_eval_runs_from_anywhere(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(data.parent)
+    run_training(
+        RunConfig(data=f"builtin:{data.name}", out=str(tmp_path / "r"), **RUN), progress=False, log=False
+    )
+    stored = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert stored["data"] == f"builtin:{data.resolve()}"
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "r" / "checkpoints" / "last.pt"), "--out", str(out),
+                 "--quiet"]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["images"] == 2
+    text = (tmp_path / "r" / "eval.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
