@@ -154,7 +154,16 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing_half_written(coco, fast
     out = tmp_path / "out"
 
     def run(checkpoint, *images, batch="4"):
-        argv = ["--debug", "predict", "--checkpoint", str(checkpoint), "--images", *map(str, images), "--out", str(out)]
+        argv = [
+            "--debug",
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--images",
+            *map(str, images),
+            "--out",
+            str(out),
+        ]
         return main([*argv, "--batch-size", batch])
 
     (tmp_path / "empty").mkdir()
