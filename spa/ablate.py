@@ -308,16 +308,18 @@ def _common(p: argparse.ArgumentParser, out: str, data_dir: str, images: int, va
     p.add_argument("--images", type=int, default=images, help="training images of the built-in set")
     p.add_argument("--val-images", type=int, default=val_images, help="validation images")
     p.add_argument("--coverage", type=float, default=0.2, help="object area fraction of the built-in set")
-    p.add_argument("--model", default="spt_nano")
-    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--model", default="spt_nano", help="SPT variant to ablate (default spt_nano)")
+    p.add_argument("--img-size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--steps", type=int, default=steps, help="training steps per run")
-    p.add_argument("--batch-size", type=int, default=batch)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=batch, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--warmup-steps", type=int, default=10, help="warm-up steps (default 10)")
     p.add_argument("--alpha", type=float, default=0.5, help="selection loss weight (paper: 0.01)")
-    p.add_argument("--gate-lr-scale", type=float, default=10.0)
-    p.add_argument("--out", default=out)
-    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--gate-lr-scale", type=float, default=10.0, help="learning-rate factor of the gates (default 10)"
+    )
+    p.add_argument("--out", default=out, help="results folder (results.md, results.json, one folder per run)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--progress", action="store_true", help="progress bars")
 
 
@@ -351,11 +353,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(sel, "runs/ablate_selection", "data/ablate_builtin", 256, 64, 150, 8)
     sel.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="e.g. 0 1 2 for three")
     sel.add_argument(
-        "--variants", nargs="+", default=list(SELECTION_VARIANTS), choices=list(SELECTION_VARIANTS)
+        "--variants",
+        nargs="+",
+        default=list(SELECTION_VARIANTS),
+        choices=list(SELECTION_VARIANTS),
+        help="variants to run (default all)",
     )
     sel.set_defaults(func=_run_selection)
     st = sub.add_parser("stages", help="SPA in stages {4} / {3,4} / {2,3,4} / {1,2,3,4} (detection)")
     _common(st, "runs/ablate_stages", "data/ablate_builtin_det", 128, 32, 120, 4)
-    st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--variants", nargs="+", default=list(STAGE_VARIANTS), choices=list(STAGE_VARIANTS))
+    st.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
+    st.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(STAGE_VARIANTS),
+        choices=list(STAGE_VARIANTS),
+        help="SPA stage sets to run (default all)",
+    )
     st.set_defaults(func=_run_stages)

@@ -381,16 +381,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser("demo", help="main job end to end on built-in data: train, evaluate, report")
     demo.add_argument("--out", default=None, help="report folder (default runs/demo)")
     demo.add_argument("--full", action="store_true", help="a longer run (512 images, 4000 steps)")
-    demo.add_argument("--steps", type=int, default=None)
-    demo.add_argument("--batch-size", type=int, default=None)
-    demo.add_argument("--train-images", type=int, default=None)
-    demo.add_argument("--val-images", type=int, default=None)
-    demo.add_argument("--img-size", type=int, default=None)
+    demo.add_argument(
+        "--steps", type=int, default=None, help="training steps of each detector (default 500; --full 4000)"
+    )
+    demo.add_argument(
+        "--batch-size", type=int, default=None, help="training batch size (default 4; --full 8)"
+    )
+    demo.add_argument(
+        "--train-images", type=int, default=None, help="built-in training images (default 64; --full 512)"
+    )
+    demo.add_argument(
+        "--val-images", type=int, default=None, help="built-in validation images (default 16; --full 64)"
+    )
+    demo.add_argument("--img-size", type=int, default=None, help="image side in pixels (default 256)")
     demo.add_argument("--model", default=None, help="SPT variant (its dense Swin baseline is trained too)")
-    demo.add_argument("--detector", default=None)
-    demo.add_argument("--data-dir", default=None)
-    demo.add_argument("--coverage-images", type=int, default=None)
-    demo.add_argument("--timing-rounds", type=int, default=None)
-    demo.add_argument("--no-bench-backbone", dest="bench_backbone", action="store_false", default=None)
-    demo.add_argument("--threads", type=int, default=2)
+    demo.add_argument("--detector", default=None, help="faster_rcnn (default) or mask_rcnn")
+    demo.add_argument(
+        "--data-dir", default=None, help="where the built-in set is generated (default data/builtin)"
+    )
+    demo.add_argument(
+        "--coverage-images",
+        type=int,
+        default=None,
+        help="validation images per coverage of the cost-vs-coverage sweep (default 8)",
+    )
+    demo.add_argument(
+        "--timing-rounds", type=int, default=None, help="interleaved timing rounds (default 5; --full 9)"
+    )
+    demo.add_argument(
+        "--no-bench-backbone",
+        dest="bench_backbone",
+        action="store_false",
+        default=None,
+        help="skip the backbone benchmark step",
+    )
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (default 2, the fastest setting on the project's CPU machines)",
+    )
     demo.set_defaults(func=_run)

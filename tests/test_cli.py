@@ -55,3 +55,24 @@ def test_names_are_checked_before_any_data_is_opened(capsys):
     with pytest.raises(SystemExit):  # argparse: the choices come from timm's registry
         main(["train", "--model", "spt_tinyy", "--data", "coco:/no/such.json:/no/such"])
     assert "invalid choice: 'spt_tinyy'" in capsys.readouterr().err
+
+
+def test_every_flag_of_every_verb_has_a_help_sentence():
+    import argparse
+
+    from spa.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.dest != "help" and not (action.help or "").strip():
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "spa")
+    assert not missing, missing
+    train_help = build_parser(["train"])._subparsers._group_actions[0].choices["train"].format_help()
+    assert "coco:ANNOTATIONS.json:IMAGES_DIR" in train_help and "spt_tiny" in train_help  # grammar, choices

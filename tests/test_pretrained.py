@@ -136,3 +136,10 @@ def test_stored_data_paths_are_absolute_so_eval_runs_from_anywhere(data, tmp_pat
     assert json.loads(out.read_text())["images"] == 2
     text = (tmp_path / "r" / "eval.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
+def test_resume_from_a_swin_file_points_to_pretrained(data, swin_file, tmp_path, capsys):
+    argv = ["train", "--data", f"builtin:{data}", "--img-size", "64", "--resume", str(swin_file), "--out",
+            str(tmp_path / "r"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--pretrained instead of --resume" in capsys.readouterr().err

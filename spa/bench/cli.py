@@ -78,19 +78,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     block = kinds.add_parser("block", help="one SPA block vs timm's dense Swin block (stage-3 shape)")
     block.add_argument("--json", help="write records to this JSON file")
-    block.add_argument("--batch-size", type=int, default=16)
+    block.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     block.add_argument("--resolution", type=int, default=14, help="feature map side (tokens)")
-    block.add_argument("--dim", type=int, default=384)
-    block.add_argument("--heads", type=int, default=12)
-    block.add_argument("--window", type=int, default=7)
+    block.add_argument("--dim", type=int, default=384, help="channels (default 384: stage 3 of Swin-T)")
+    block.add_argument("--heads", type=int, default=12, help="attention heads (default 12)")
+    block.add_argument("--window", type=int, default=7, help="window side in tokens (default 7)")
     block.add_argument("--shift", action="store_true", help="benchmark a shifted-window block")
-    block.add_argument("--keep-ratios", default="1.0,0.5,0.3,0.2")
-    block.add_argument("--layouts", default=",".join(LAYOUTS))
+    block.add_argument(
+        "--keep-ratios",
+        default="1.0,0.5,0.3,0.2",
+        help="forced keep ratios, comma list (default 1.0,0.5,0.3,0.2)",
+    )
+    block.add_argument(
+        "--layouts", default=",".join(LAYOUTS), help="packing layouts, comma list (default all)"
+    )
     block.add_argument(
         "--backend", default="auto", choices=BACKENDS, help="attention backend of the SPA block"
     )
-    block.add_argument("--rounds", type=int, default=7)
-    block.add_argument("--threads", type=int, default=2)
+    block.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
+    block.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     block.set_defaults(func=_run_block)
 
     bb = kinds.add_parser(
@@ -99,8 +105,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bb.add_argument("--models", default="spt_tiny,swin_tiny", help="comma list of spt_*/swin_* backbones")
     bb.add_argument("--sizes", default=None, help="image sides, comma list (default 224,512; --quick: 64)")
     bb.add_argument("--batch-sizes", default=None, help="comma list (default 1,8; --quick: 1,2)")
-    bb.add_argument("--keep-ratios", default=",".join(str(r) for r in SPT_KEEP_RATIOS))
-    bb.add_argument("--layouts", default=",".join(LAYOUTS))
+    bb.add_argument(
+        "--keep-ratios",
+        default=",".join(str(r) for r in SPT_KEEP_RATIOS),
+        help="forced keep ratios of the SPT, comma list (default 1.0,0.5,0.3,0.2)",
+    )
+    bb.add_argument("--layouts", default=",".join(LAYOUTS), help="packing layouts, comma list (default all)")
     bb.add_argument("--checkpoint", help="detection checkpoint: also benchmark its trained gate")
     bb.add_argument(
         "--images", nargs="+", help="image files/folders to benchmark on (default: random normal images)"
@@ -108,7 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bb.add_argument(
         "--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 2)"
     )
-    bb.add_argument("--threads", type=int, default=2)
+    bb.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     bb.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-RSS processes")
     bb.add_argument("--quick", action="store_true", help="fewer rounds, small sizes (for tests)")
     bb.add_argument("--json", help="write the list of records to this JSON file")

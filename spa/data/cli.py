@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--images", type=int, default=64, help="training images")
     m.add_argument("--val-images", type=int, default=16, help="validation images")
     m.add_argument("--size", type=int, default=256, help="image side in pixels")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     m.add_argument("--clutter", type=float, default=3.0, help="mean number of distractors per image")
     m.set_defaults(func=_make)
 

@@ -25,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "capture_rng",
+    "check_resumable",
     "finite_or_none",
     "load_checkpoint",
     "load_model_state",
@@ -98,7 +99,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as err:  # truncated zip, pickle with unsafe globals, not a checkpoint at all...
         raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(err)}") from err
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not an spa checkpoint (no 'model' entry)")
+        raise CheckpointError(
+            f"{path} is not an spa checkpoint (no 'model' entry); to start a run from Swin (or other "
+            "backbone) weights, pass it as spa train --pretrained instead of --resume"
+        )
     return state
 
 
@@ -110,6 +114,20 @@ def _why_unreadable(err: Exception) -> str:
         return "it holds Python objects other than tensors and plain data (spa never unpickles code)"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"not a PyTorch checkpoint or truncated ({type(err).__name__}: {first})"
+
+
+def check_resumable(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Raise ``CheckpointError`` unless ``state`` (read from ``path``) is a full spa training state."""
+    if not isinstance(state.get("meta"), dict):
+        raise CheckpointError(
+            f"{path} is not an spa training checkpoint; to start a run from Swin (or other backbone) weights, "
+            "pass it as spa train --pretrained instead of --resume"
+        )
+    if "optimizer" not in state:
+        raise CheckpointError(
+            f"{path} holds weights only (no optimizer, scheduler or data position): resume from "
+            "checkpoints/last.pt, or keep step checkpoints with keep_optimizer=True"
+        )
 
 
 def load_model_state(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from spa.config import TASKS, RunConfig, add_config_flags, resolve_config
-from spa.engine.checkpoint import CheckpointError, load_checkpoint, write_json
+from spa.engine.checkpoint import CheckpointError, check_resumable, load_checkpoint, write_json
 from spa.engine.distributed import init_distributed
 from spa.engine.trainer import TrainConfig, Trainer
 from spa.errors import SpaError
@@ -142,6 +142,8 @@ def run_training(
     dist_info = init_distributed(device)
     if dist_info.is_main:
         prepare_run_folder(out, resume, overwrite)
+    if resume is not None:  # before any data is read
+        check_resumable(resume, load_checkpoint(resume))
     pretrained = read_pretrained(cfg.pretrained) if cfg.pretrained else None
     if dist_info.distributed and not dist_info.is_main:
         torch.distributed.barrier()  # rank 0 first: it may generate the built-in set, others then read it

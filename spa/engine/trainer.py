@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from spa.engine.checkpoint import (
     CheckpointError,
     capture_rng,
+    check_resumable,
     finite_or_none,
     load_checkpoint,
     load_model_state,
@@ -339,11 +340,7 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Continue exactly from a checkpoint of this model, configuration and data plan."""
         state = load_checkpoint(path)
-        if "optimizer" not in state:
-            raise CheckpointError(
-                f"{path} holds weights only (no optimizer, scheduler or data position): resume from "
-                "checkpoints/last.pt, or keep step checkpoints with keep_optimizer=True"
-            )
+        check_resumable(path, state)
         if state.get("meta") != self.meta:
             theirs, ours = state.get("meta") or {}, self.meta
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
