@@ -210,11 +210,16 @@ def _worker_memory(spec: dict) -> dict:
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    """``python -m spa.bench _worker SPEC.json OUT.json``: one measurement process of ``bench backbone``."""
+    """``python -m spa.bench _worker SPEC.json OUT.json``: one measurement process of ``bench backbone`` (or
+    of ``bench detector``: ``mode`` ``"detector"``, see ``spa.bench.detector``)."""
     spec = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(spec.get("threads", 2))
-    if spec["mode"] == "time":
-        result: object = _worker_time(spec, lambda msg: print(f"[bench backbone] {msg}", flush=True))
+    if spec["mode"] == "detector":
+        from spa.bench.detector import _worker_time as detector_time
+
+        result: object = detector_time(spec, lambda msg: print(f"[bench detector] {msg}", flush=True))
+    elif spec["mode"] == "time":
+        result = _worker_time(spec, lambda msg: print(f"[bench backbone] {msg}", flush=True))
     else:
         result = _worker_memory(spec)
     Path(argv[1]).write_text(json.dumps(result))

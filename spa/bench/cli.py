@@ -1,4 +1,4 @@
-"""``spa bench block|backbone``: the command-line front of ``spa.bench``."""
+"""``spa bench block|backbone|detector``: the command-line front of ``spa.bench``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 from spa.attention import BACKENDS
 from spa.bench.backbone import SPT_KEEP_RATIOS, bench_backbone, format_backbone_table
 from spa.bench.block import bench_block, format_table
+from spa.bench.detector import DETECTOR_KEEP_RATIOS, DetectorHeads, bench_detector, format_detector_table
 from spa.bench.timing import environment
+from spa.errors import ConfigError
 from spa.packing import LAYOUTS
 
 __all__ = ["register"]
@@ -72,6 +74,45 @@ def _run_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(text: str, kind: type, flag: str) -> list:
+    """A comma list of numbers; a user error (``ConfigError``) when one is not a number."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes a comma list of {kind.__name__}s, got {text!r}") from None
+
+
+def _run_detector(args: argparse.Namespace) -> int:
+    quick = args.quick
+    models = args.models if args.models is not None else ("spt_nano" if quick else "spt_tiny,swin_tiny")
+    records = bench_detector(
+        models=[m.strip() for m in models.split(",") if m.strip()],
+        detector=args.detector,
+        sizes=(
+            _numbers(args.sizes, int, "--sizes")
+            if args.sizes is not None
+            else ([128] if quick else [512, 800])
+        ),
+        batch_sizes=(
+            _numbers(args.batch_sizes, int, "--batch-sizes")
+            if args.batch_sizes is not None
+            else ([1] if quick else [2])
+        ),
+        keep_ratios=_numbers(args.keep_ratios, float, "--keep-ratios"),
+        checkpoint=args.checkpoint,
+        heads=DetectorHeads.quick() if quick else DetectorHeads(),
+        rounds=args.rounds if args.rounds is not None else (3 if quick else 5),
+        warmup=args.warmup if args.warmup is not None else 1,
+        threads=args.threads,
+        device=args.device,
+        progress=lambda msg: print(f"[bench detector] {msg}", flush=True),
+    )
+    print(format_detector_table(records))
+    if args.json:
+        _write_json(args.json, records)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``spa bench ...`` to the CLI."""
     bench = subparsers.add_parser("bench", help="benchmarks")
@@ -123,3 +164,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bb.add_argument("--quick", action="store_true", help="fewer rounds, small sizes (for tests)")
     bb.add_argument("--json", help="write the list of records to this JSON file")
     bb.set_defaults(func=_run_backbone)
+
+    dt = kinds.add_parser(
+        "detector",
+        help="whole Faster/Mask R-CNN + FPN: SPT vs its dense Swin baseline (time ratios, backbone share)",
+    )
+    dt.add_argument(
+        "--models", default=None, help="comma list of spt_*/swin_* backbones (default spt_tiny,swin_tiny)"
+    )
+    dt.add_argument(
+        "--detector", default="mask_rcnn", choices=("mask_rcnn", "faster_rcnn"), help="default mask_rcnn"
+    )
+    dt.add_argument("--sizes", default=None, help="image sides, comma list (default 512,800; --quick: 128)")
+    dt.add_argument("--batch-sizes", default=None, help="comma list (default 2; --quick: 1)")
+    dt.add_argument(
+        "--keep-ratios",
+        default=",".join(str(r) for r in DETECTOR_KEEP_RATIOS),
+        help="forced keep ratios of the SPT, comma list (default 1.0,0.5,0.3)",
+    )
+    dt.add_argument("--checkpoint", help="detection checkpoint: also benchmark its trained gate")
+    dt.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 3)"
+    )
+    dt.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration (default 1)")
+    dt.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    dt.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
+    dt.add_argument(
+        "--quick", action="store_true", help="spt_nano, 128 px, batch 1, tiny heads, 3 rounds (for tests)"
+    )
+    dt.add_argument("--json", help="write the list of records to this JSON file")
+    dt.set_defaults(func=_run_detector)

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["environment", "interleaved_rounds", "median_ratio"]
+__all__ = ["device_sync", "environment", "interleaved_rounds", "median_ratio"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -79,12 +79,23 @@ def median_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
     return statistics.median(t / d for t, d in zip(times, reference))
 
 
-def environment() -> dict:
-    """The machine a benchmark ran on."""
+def device_sync(device: str | torch.device = "cpu") -> Callable[[], None] | None:
+    """The ``sync`` of :func:`interleaved_rounds` for ``device``: waits for CUDA's queued work; None on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+def environment(device: str | torch.device = "cpu") -> dict:
+    """The machine a benchmark ran on (``device_name``: the GPU's name on CUDA, else the processor)."""
+    device = torch.device(device)
+    processor = platform.processor() or platform.machine()
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device": "cpu",
-        "processor": platform.processor() or platform.machine(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else processor,
+        "processor": processor,
         "python": platform.python_version(),
     }
