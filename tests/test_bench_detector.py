@@ -25,7 +25,8 @@ def _check(records: list[dict], heads: DetectorHeads = QUICK) -> None:
         assert set(DETECTOR_REQUIRED_KEYS) <= r.keys(), set(DETECTOR_REQUIRED_KEYS) - r.keys()
         assert r["train_ms"] > 0 and r["infer_ms"] > 0
         assert r["train_ratio_to_dense"] > 0 and r["infer_ratio_to_dense"] > 0
-        assert 0 < r["backbone_share_train"] <= 1 and 0 < r["backbone_share_infer"] <= 1
+        # a ratio of two timings: positive, but machine noise can push it past 1 (no timing bound asserted)
+        assert r["backbone_share_train"] > 0 and r["backbone_share_infer"] > 0
         assert 0 < r["gmacs_kept"] <= r["gmacs_executed"] + 1e-9
         assert r["infer_detections"] == heads.detections_per_img  # equal head work, whatever the weights
         assert r["box_batch_size_per_image"] == heads.box_batch_size_per_image and r["env_device"] == "cpu"
