@@ -5,7 +5,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test test-slow lint format bench demo clean
+.PHONY: setup test test-slow test-min setup-min lint format bench demo clean
+
+# make test-min: ruff and the default suite in a venv of its own on the lowest Python requires-python allows
+# (PYENV_VERSION picks pyenv's 3.10), with every dependency at the lower bound pyproject.toml gives it (PyTorch
+# from PyPI, about 3 GB), so the ranges say what was tested.
+PYTHON_MIN ?= python3.10
+VENV_MIN ?= .venv-min
+PY_MIN := $(VENV_MIN)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +21,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+$(VENV_MIN)/.installed: pyproject.toml
+	test -x $(PY_MIN) || PYENV_VERSION=3.10 $(PYTHON_MIN) -m venv $(VENV_MIN)
+	$(PY_MIN) tests/test_versions.py --lower-bounds > $(VENV_MIN)/constraints.txt
+	$(PY_MIN) -m pip install -c $(VENV_MIN)/constraints.txt -e '.[dev]'
+	touch $@
+
+setup-min: $(VENV_MIN)/.installed
 
 lint: setup
 	$(VENV)/bin/ruff check spa tests
@@ -26,6 +41,11 @@ format: setup
 test: lint
 	$(PY) -m pytest -m "not slow"
 
+test-min: setup-min
+	$(VENV_MIN)/bin/ruff check spa tests
+	$(VENV_MIN)/bin/ruff format --check spa tests
+	$(PY_MIN) -m pytest -m "not slow"
+
 test-slow: setup
 	$(PY) -m pytest -m slow
 
@@ -36,4 +56,4 @@ demo: setup
 	$(VENV)/bin/spa demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache .ruff_cache .hypothesis
