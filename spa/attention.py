@@ -93,7 +93,26 @@ class TableBias:
     def masked_index(self, allowed: torch.Tensor) -> torch.Tensor:
         """``index`` with entry ``E`` (the ``-inf`` column ``_with_masked_column`` appends) where ``allowed``
         (bool ``[K, S, S]``) is False."""
-        return self.index.masked_fill(~allowed, self.table.shape[1])
+        return torch.where(allowed, self.index, self.table.shape[1])
+
+
+@dataclass(frozen=True)
+class _LookupBias(TableBias):
+    """A ``TableBias`` whose index was read off a lookup table checked when it was built (so it is not checked
+    again per call). With ``premasked`` the index may hold entry ``E`` (one past the table's entries) for pairs
+    that are masked anyway (e.g. Swin's shifted-window regions), read as ``-inf``, like ``masked_index``."""
+
+    premasked: bool = False
+
+    def __post_init__(self) -> None:
+        pass
+
+    def dense(self) -> torch.Tensor:
+        if not self.premasked:
+            return super().dense()
+        K, S, _ = self.index.shape
+        out = _GatherColumns.apply(_with_masked_column(self.table), self.index)
+        return out.view(-1, K, S, S).transpose(0, 1)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -169,21 +188,11 @@ class _RowsMathAttention(torch.autograd.Function):
         """``qkv`` rows ``[R, 3 * heads * D]``; ``table`` ``[heads, E]``; ``index`` ``[K, S, S]`` entry of every
         pair (``E`` where the pair is masked); rows ``0..prefix-1`` sit in slots ``0..prefix-1``, the others in
         ``tail_slots``; ``slots`` is ``(K, S)``."""
-        K, S = slots
-        R = qkv.shape[0]
-        D = qkv.shape[1] // (3 * heads)
-        qkv_slots = _rows_to_slots(qkv.view(R, 3 * heads, D), tail_slots, prefix, K * S)
-        q, k, v = (t.view(heads * K, S, D) for t in qkv_slots.view(3, heads * K * S, D).unbind(0))
-        # bias and mask in one gather (masked pairs read the extra -inf column) into a fresh tensor
-        entries = table.shape[1]
-        logits = _gather_columns(_with_masked_column(table, qkv.dtype), index)
-        logits.baddbmm_(q, k.transpose(1, 2), alpha=scale)
-        probs = logits.softmax(-1)  # never a fully masked row: padding rows see themselves
-        out = torch.bmm(probs, v).view(heads, K * S, D)
+        out, qkv_slots, probs = _rows_math_forward(qkv, table, index, tail_slots, prefix, slots, heads, scale)
         ctx.save_for_backward(qkv_slots, probs, index, tail_slots)
-        ctx.geometry = (prefix, K, S, heads, D, entries, scale)
+        ctx.geometry = (prefix, *slots, heads, qkv.shape[1] // (3 * heads), table.shape[1], scale)
         ctx.table_dtype = table.dtype
-        return _slots_to_rows(out, tail_slots, prefix).view(R, heads * D)
+        return out
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable: say so instead of failing
@@ -213,6 +222,31 @@ class _RowsMathAttention(torch.autograd.Function):
         torch.baddbmm(grad_k, grad_logits.transpose(1, 2), q, beta=0, alpha=scale, out=grad_k)
         grad_qkv = _slots_to_rows(grad_slots.view(3 * heads, K * S, D), tail_slots, prefix)
         return grad_qkv.view(R, 3 * heads * D), table_grad, None, None, None, None, None, None
+
+
+def _rows_math_forward(
+    qkv, table, index, tail_slots, prefix: int, slots: tuple[int, int], heads: int, scale
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of ``_RowsMathAttention`` (same arguments): output rows, and the slots and probabilities its
+    backward needs."""
+    K, S = slots
+    R = qkv.shape[0]
+    D = qkv.shape[1] // (3 * heads)
+    qkv_slots = _rows_to_slots(qkv.view(R, 3 * heads, D), tail_slots, prefix, K * S)
+    q, k, v = (t.view(heads * K, S, D) for t in qkv_slots.view(3, heads * K * S, D).unbind(0))
+    # bias and mask in one gather (masked pairs read the extra -inf column) into a fresh tensor
+    logits = _gather_columns(_with_masked_column(table, qkv.dtype), index)
+    logits.baddbmm_(q, k.transpose(1, 2), alpha=scale)
+    probs = logits.softmax(-1)  # never a fully masked row: padding rows see themselves
+    out = torch.bmm(probs, v).view(heads, K * S, D)
+    return _slots_to_rows(out, tail_slots, prefix).view(R, heads * D), qkv_slots, probs
+
+
+def _apply_rows_math(qkv, table, index, tail_slots, prefix: int, slots: tuple[int, int], heads: int, scale):
+    """``_RowsMathAttention.apply``, or its forward alone (the same ops) when no gradient is recorded."""
+    if torch.is_grad_enabled() and (qkv.requires_grad or table.requires_grad):
+        return _RowsMathAttention.apply(qkv, table, index, tail_slots, prefix, slots, heads, scale)
+    return _rows_math_forward(qkv, table, index, tail_slots, prefix, slots, heads, scale)[0]
 
 
 def _rows_to_slots(rows: torch.Tensor, tail_slots: torch.Tensor, prefix: int, num_slots: int) -> torch.Tensor:
@@ -251,18 +285,18 @@ def _rows_math(
     if packed.layout == "masked" or packed.num_kept == K * S:
         prefix, tail = qkv.shape[0], packed.slot_index[:0]  # the rows are the slots
     else:  # rows in slot order: those before the first padding slot sit in their own slots
-        prefix = int(packed.padding_slots[0])
+        prefix = packed._first_padding_slot  # from the packing plan (host), no device sync
         tail = packed.slot_index[prefix:]
     index = bias.masked_index(allowed)
     device_type = qkv.device.type
     if not _autocast_enabled(device_type):
-        return _RowsMathAttention.apply(qkv, bias.table, index, tail, prefix, (K, S), heads, scale)
+        return _apply_rows_math(qkv, bias.table, index, tail, prefix, (K, S), heads, scale)
     # autocast: as torch.amp.custom_fwd(cast_inputs=<the autocast dtype>) for this device type: qkv in the
     # autocast dtype (float64 is left alone, as autocast does), the function itself with autocast off
     if qkv.dtype != torch.float64:
         qkv = qkv.to(torch.get_autocast_dtype(device_type))
     with torch.autocast(device_type, enabled=False):
-        return _RowsMathAttention.apply(qkv, bias.table, index, tail, prefix, (K, S), heads, scale)
+        return _apply_rows_math(qkv, bias.table, index, tail, prefix, (K, S), heads, scale)
 
 
 PairBias = Callable[[torch.Tensor], "torch.Tensor | TableBias | None"]
@@ -286,12 +320,27 @@ def allowed_pairs(segment: torch.Tensor, pair_mask: torch.Tensor | None = None) 
 
     Padding rows get their own diagonal so that no softmax row is empty (their outputs are discarded).
     """
-    real = segment >= 0
-    allowed = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]
+    # a real row sees the real tokens of its segment (padding has segment -1, never equal to a real one), a
+    # padding row only itself
+    same = segment[:, :, None] == segment[:, None, :]
     if pair_mask is not None:
-        allowed = allowed & pair_mask
-    eye = torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device)
-    return allowed | (eye & ~real[:, :, None])
+        same = same & pair_mask
+    return torch.where((segment >= 0)[:, :, None], same, _eye(segment.shape[1], segment.device))
+
+
+_EYES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _eye(size: int, device: torch.device) -> torch.Tensor:
+    """Bool identity ``[size, size]`` on ``device`` (cached: a few sizes per model, never written to)."""
+    key = (size, device)
+    eye = _EYES.get(key)
+    if eye is None:
+        if len(_EYES) >= 64:
+            _EYES.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            eye = _EYES[key] = torch.eye(size, dtype=torch.bool, device=device)
+    return eye
 
 
 def _math(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale: float | None):

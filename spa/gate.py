@@ -7,6 +7,8 @@ them together for one SPA block. ``valid`` masks mark real tokens (padding token
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import math
 from typing import NamedTuple
 
@@ -29,6 +31,7 @@ __all__ = [
 ]
 
 SELECT_MODES = ("gate", "all", "topk", "random")
+_AT_LEAST_FP32 = (torch.float32, torch.float64)  # dtypes that ``promote_types(dtype, float32)`` leaves alone
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -40,6 +43,30 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
+# Set by ``deferred_nan_checks``: the NaN checks of ``_check_logits`` are collected there instead of run (each
+# one costs a device sync); the caller runs them in a sync it makes anyway.
+_DEFERRED_NAN_CHECKS: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "spa_deferred_nan_checks", default=None
+)
+
+
+def _nan_error(name: str) -> ValueError:
+    return ValueError(f"{name} contain NaN: the gate cannot decide which tokens to keep")
+
+
+@contextlib.contextmanager
+def _deferred_nan_checks():
+    """Collect the NaN checks of the gate functions called inside as ``(has_nan, name)`` pairs (``has_nan`` a
+    0-d bool tensor, not yet read) instead of running them; the caller must read them all and raise
+    ``_nan_error(name)`` for the first that is True (``SPABlock`` reads them with the packing counts)."""
+    pending: list[tuple[torch.Tensor, str]] = []
+    token = _DEFERRED_NAN_CHECKS.set(pending)
+    try:
+        yield pending
+    finally:
+        _DEFERRED_NAN_CHECKS.reset(token)
+
+
 def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(
@@ -47,8 +74,11 @@ def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
         )
     if logits.dim() != 2:
         raise ValueError(f"{name} must be [B, N], got shape {tuple(logits.shape)}")
-    if torch.isnan(logits).any():
-        raise ValueError(f"{name} contain NaN: the gate cannot decide which tokens to keep")
+    pending = _DEFERRED_NAN_CHECKS.get()
+    if pending is not None:
+        pending.append((torch.isnan(logits).any(), name))
+    elif torch.isnan(logits).any():
+        raise _nan_error(name)
 
 
 def _check_valid(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -100,7 +130,8 @@ def gumbel_keep(
     u = u.clamp(1e-6, 1 - 1e-6)
     noise = torch.log(u) - torch.log1p(-u)
     y = torch.sigmoid((logits.to(dtype) + noise) / temperature)
-    return (y > threshold) & _check_valid(valid, logits), y.to(logits.dtype)
+    keep = y > threshold
+    return keep if valid is None else keep & _check_valid(valid, logits), y.to(logits.dtype)
 
 
 def keep_top(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,6 +152,20 @@ def _ratio_counts(valid: torch.Tensor, ratio: float) -> torch.Tensor:
     # rounded to 1e-6 first so that a product that is an integer (0.28 * 25 = 7.000000000000001 in floating
     # point) is not rounded up to the next one
     return torch.ceil((valid.sum(1).double() * ratio).round(decimals=6)).long()
+
+
+@functools.lru_cache(maxsize=256)
+def _ratio_count(num_tokens: int, ratio: float) -> int:
+    """``_ratio_counts`` of an image whose ``num_tokens`` tokens are all valid, on the host (the same ops)."""
+    return int(_ratio_counts(torch.ones(1, num_tokens, dtype=torch.bool), ratio)[0])
+
+
+def _top_of_all(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """``keep_top(scores, counts)`` when every token is valid and every image keeps ``count``: the first
+    ``count`` of the same stable descending order, set in one scatter."""
+    order = (scores.detach() if scores.requires_grad else scores).argsort(dim=1, descending=True, stable=True)
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return keep.scatter_(1, order[:, :count], True)
 
 
 def topk_keep(logits: torch.Tensor, ratio: float, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,11 +266,12 @@ class TokenGate(nn.Module):
         autocast the ``C -> 1`` projection runs with autocast off on an fp32 copy of ``x`` (and of the weights
         when the model itself is in bf16 / fp16). In fp32 without autocast this is ``self.proj(x)`` as it is.
         """
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = x.dtype if x.dtype in _AT_LEAST_FP32 else torch.promote_types(x.dtype, torch.float32)
         proj = self.proj
         with _autocast_off(x.device.type):
             if proj.weight.dtype == dtype and (proj.bias is None or proj.bias.dtype == dtype):
-                return proj(x.to(dtype)).squeeze(-1)  # through the module: its hooks still see the call
+                # through the module: its hooks still see the call
+                return proj(x if x.dtype == dtype else x.to(dtype)).squeeze(-1)
             bias = None if proj.bias is None else proj.bias.to(dtype)
             return F.linear(x.to(dtype), proj.weight.to(dtype), bias).squeeze(-1)
 
@@ -237,23 +283,44 @@ class TokenGate(nn.Module):
     ) -> GateDecision:
         own = self.score(x)
         fused = fuse_logits(own, previous_logits)
-        valid = _check_valid(valid, own)
-        soft: torch.Tensor | None = None
+        if valid is not None:
+            valid = _check_valid(valid, own)
+        # ``valid=None`` (every token valid, as in an SPA block) takes the same decisions without the all-True
+        # mask and its ops
         if self.select == "all":
-            keep = valid.clone()
+            keep = torch.ones_like(own, dtype=torch.bool) if valid is None else valid.clone()
             return GateDecision(own, fused, keep, None)
+        sample: torch.Tensor | None = None  # the soft sample of the straight-through estimator
+        soft: torch.Tensor | None = None
         if self.select == "gate":
             if self.training:
                 keep, sample = gumbel_keep(fused, self.keep_threshold, self.temperature, valid)
             else:
-                keep, sample = threshold_keep(fused, self.keep_threshold, valid), torch.sigmoid(fused)
+                _check_logits(fused)
+                if self.straight_through:
+                    sample = torch.sigmoid(fused)
+                soft = torch.sigmoid(fused)
+                keep = soft > self.keep_threshold  # threshold_keep, on the soft factor's values
+                if valid is not None:
+                    keep = keep & valid
         elif self.select == "topk":
-            keep, sample = topk_keep(fused, self.keep_ratio, valid), torch.sigmoid(fused)
+            _check_logits(fused)
+            if valid is None:
+                keep = _top_of_all(fused, _ratio_count(fused.shape[1], self.keep_ratio))
+            else:
+                keep = keep_top(fused, _ratio_counts(valid, self.keep_ratio), valid)
         else:
             _check_logits(fused)
-            keep, sample = random_keep(valid, self.keep_ratio), torch.sigmoid(fused)
+            if valid is None:
+                count = _ratio_count(fused.shape[1], self.keep_ratio)  # checks the ratio before drawing
+                keep = _top_of_all(torch.rand(fused.shape, device=fused.device), count)
+            else:
+                keep = random_keep(valid, self.keep_ratio)
+        if self.straight_through and sample is None:
+            sample = torch.sigmoid(fused)
         keep = enforce_min_keep(keep, fused, self.min_keep, valid)
-        soft = torch.sigmoid(fused)
+        if soft is None:
+            soft = torch.sigmoid(fused)
         if self.straight_through:
             soft = soft * (1.0 + sample - sample.detach())
         return GateDecision(own, fused, keep, soft)

@@ -87,12 +87,30 @@ class Packed:
     def without_inputs(self) -> Packed:
         """The same plan without the reference to the packed tokens (what a module may keep for inspection
         after its forward without holding on to the activation)."""
-        return replace(self, inputs=None)
+        if type(self).__init__ is not Packed.__init__:  # a subclass with its own construction
+            return replace(self, inputs=None)
+        # ``replace(self, inputs=None)`` without going through ``__init__`` field by field; the cached plan
+        # values are kept, the cached ``tokens`` (a copy of the inputs) are not
+        plan = object.__new__(type(self))
+        state = {k: v for k, v in self.__dict__.items() if k != "tokens"}
+        state["inputs"] = None
+        plan.__dict__.update(state)
+        return plan
 
     @cached_property
     def padding_slots(self) -> torch.Tensor:
         """``[K * S - T]`` flat indices of the padding slots (``masked``: of the unkept tokens)."""
-        return (self.image.reshape(-1) < 0).nonzero().squeeze(1)
+        # the count is known on the host: no device sync for the size of the result
+        return torch.nonzero_static(
+            self.image.reshape(-1) < 0, size=self.image.numel() - self.num_kept
+        ).squeeze(1)
+
+    @cached_property
+    def _first_padding_slot(self) -> int:
+        """Flat index of the first padding slot (``K * S`` when there is none). ``pack`` knows it from its
+        plan (no device sync); a ``Packed`` built otherwise reads it off ``padding_slots``."""
+        padding = self.padding_slots
+        return int(padding[0]) if padding.numel() else self.image.numel()
 
     @property
     def num_containers(self) -> int:
@@ -160,7 +178,8 @@ class Packed:
             base = self._flat_tokens(fill, "fill", D)
         else:
             base = rows.new_full((B * N, D), float(fill))
-        return base.index_copy(0, self.source_index, rows.to(base.dtype)).view(B, N, D)
+        rows = rows if rows.dtype == base.dtype else rows.to(base.dtype)
+        return base.index_copy(0, self.source_index, rows).view(B, N, D)
 
     def add_rows(self, base: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``base`` ``[B, N, D]`` with rows ``[R, D]`` added at the kept tokens (a residual update).
@@ -173,7 +192,8 @@ class Packed:
         """
         rows = self._kept_rows(rows)
         flat = self._flat_tokens(base, "base", rows.shape[-1])
-        return flat.index_add(0, self.source_index, rows.to(flat.dtype)).view(base.shape)
+        rows = rows if rows.dtype == flat.dtype else rows.to(flat.dtype)
+        return flat.index_add(0, self.source_index, rows).view(base.shape)
 
     def unpack(self, y: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Scatter per-slot results ``y`` ``[K, S, D]`` back to ``[B, N, D]``.
@@ -290,70 +310,134 @@ def pack(
         A ``Packed`` with the tokens and the plan to ``unpack`` results. Zero kept tokens give zero
         containers.
     """
+    return _pack(x, keep, length, layout, order, check_order)[0]
+
+
+def _to_device(values: list[list[int]], device: torch.device) -> torch.Tensor:
+    """A small long tensor of host values on ``device``; to an accelerator through pinned memory without
+    blocking (a plain ``torch.tensor(..., device=...)`` from pageable memory waits for the device)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        # the pinned buffer stays reserved until the copy is done (PyTorch's caching host allocator)
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _first_short(fills: list[int], slots: int) -> int:
+    """Flat index of the first padding slot of containers filled ``fills[k]`` slots from their start (every
+    layout but ``masked`` fills a prefix of each container); ``len(fills) * slots`` when none is short."""
+    for k, fill in enumerate(fills):
+        if fill < slots:
+            return k * slots + fill
+    return len(fills) * slots
+
+
+def _pack(
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    length: int,
+    layout: str = "containers",
+    order: torch.Tensor | None = None,
+    check_order: bool = True,
+    sync_with: tuple[torch.Tensor, ...] = (),
+) -> tuple[Packed, list[int]]:
+    """``pack``, plus the host values of ``sync_with`` (0-d integer or bool tensors), read in the same device
+    sync as the per-image counts the plan needs (the only one here: every other size is known on the host)."""
     _check_inputs(x, keep, length, layout, order, check_order)
     B, N, _ = x.shape
     device = x.device
     seq_keep = keep if order is None else keep[:, order]
     counts_t = seq_keep.sum(1)
-    if order is not None and order.numel() < N and int(counts_t.sum()) != int(keep.sum()):
+    partial_order = order is not None and order.numel() < N
+    extra = [*sync_with, keep.sum()] if partial_order else list(sync_with)
+    if extra:  # (torch.cat promotes bool flags to the counts' integer dtype)
+        host = torch.cat([counts_t, *(e.view(1) for e in extra)]).tolist()
+        counts, extra_values = host[:B], host[B:]
+    else:
+        counts, extra_values = counts_t.tolist(), []
+    if partial_order and sum(counts) != extra_values.pop():
         raise ValueError("keep marks tokens that are not in order")
-    counts = counts_t.tolist()
-    batch_idx, seq_pos = seq_keep.nonzero(as_tuple=True)  # row-major: image by image, in visiting order
+    total = sum(counts)
+    # row-major: image by image, in visiting order (the size is known: no sync)
+    batch_idx, seq_pos = torch.nonzero_static(seq_keep, size=total).unbind(1)
     token_idx = seq_pos if order is None else order[seq_pos]
-    total = batch_idx.numel()
     starts = list(accumulate(counts, initial=0))[:-1]
     slots = length
-    # per image: [first row, rank where its partial chunk starts, slot offset of full-chunk ranks, of the rest]
-    # so that a token's flat slot is ``rank + offset`` (one gather and a where, not one op per field)
+    seg_stride = N // length + 1  # segment ids: ``b * seg_stride + chunk`` (all layouts but ``stream``)
+    # per image, with ``t`` a token's flat rank in the batch (``rank = t - starts[b]`` within its image):
+    # ``dest = t + where(t < cut, full_shift, rest_shift)`` (full chunks, then the partial one) and
+    # ``segment = (t + seg_shift) // length`` (``seg_shift = b * seg_stride * length - starts[b]``); one gather
+    # of the per-image values, then a few element-wise ops
+    seg_shift = [b * seg_stride * length - st for b, st in enumerate(starts)]
     if layout == "containers":
         full = [c // length for c in counts]
         rest = [c % length for c in counts]
         bins, bin_offset, num_bins = _first_fit_decreasing(rest, length)
         num_full = sum(full)
+        fills = [0] * num_bins
+        for j, o, r in zip(bins, bin_offset, rest):
+            if r:
+                fills[j] = max(fills[j], o + r)
         if not num_full:  # only shared bins: trim every container to the fullest bin
-            slots = max((o + r for o, r in zip(bin_offset, rest) if r), default=length)
+            slots = max(fills, default=length)
         full_base = list(accumulate([0, *full[:-1]]))
         per_image = [
-            starts,
-            [f * length for f in full],
-            [base * length for base in full_base],
-            [(num_full + j) * slots + o - f * length for j, o, f in zip(bins, bin_offset, full)],
+            [st + f * length for st, f in zip(starts, full)],
+            [base * length - st for base, st in zip(full_base, starts)],
+            [
+                (num_full + j) * slots + o - f * length - st
+                for j, o, f, st in zip(bins, bin_offset, full, starts)
+            ],
+            seg_shift,
         ]
         num_containers = num_full + num_bins
+        first_padding = _first_short([length] * num_full + fills, slots)
     elif layout == "stream":
         num_containers = -(-total // length)
         slots = min(length, total) if total else length
-        per_image = [starts, [0] * B, [0] * B, starts]  # slot = flat rank in the batch
+        per_image = []  # slot = flat rank in the batch
+        first_padding = total
     elif layout == "padded":
         per_container = max((-(-c // length) for c in counts), default=0)
         if per_container == 1:
             slots = max(counts)
         num_containers = B * per_container if total else 0
-        per_image = [starts, [0] * B, [0] * B, [b * per_container * slots for b in range(B)]]
+        per_image = [[b * per_container * slots - st for b, st in enumerate(starts)], seg_shift]
+        fills = [min(slots, max(0, c - i * slots)) for c in counts for i in range(per_container)]
+        first_padding = _first_short(fills, slots) if total else 0
     else:  # masked: no gather, tokens stay where they are
         num_containers, slots = B, N
-        per_image = [starts, [0] * B, [0] * B, [0] * B]
-    first, full_end, full_offset, rest_offset = torch.tensor(per_image, device=device, dtype=torch.long)[
-        :, batch_idx
-    ]
-    rank = torch.arange(total, device=device) - first
+        per_image = [seg_shift]
+        first_padding = -1  # not a prefix layout: read off the slot map if ever needed
+    t = torch.arange(total, device=device)
     source = batch_idx * N + token_idx
-    slot_offset = torch.where(rank < full_end, full_offset, rest_offset)
-    dest = source if layout == "masked" else rank + slot_offset
     if layout == "stream":
+        dest = t
         segment = dest // length * B + batch_idx
     else:
-        segment = batch_idx * (N // length + 1) + rank // length
+        plan = _to_device(per_image, device)[:, batch_idx]
+        if layout == "containers":
+            cut, full_shift, rest_shift, shift = plan.unbind(0)
+            dest = t + torch.where(t < cut, full_shift, rest_shift)
+        elif layout == "padded":
+            rest_shift, shift = plan.unbind(0)
+            dest = t + rest_shift
+        else:
+            (shift,) = plan.unbind(0)
+            dest = source
+        segment = (t + shift).floor_divide_(length)
 
     # every per-slot field in one scatter: -1 in padding slots
     fields = torch.full((4, num_containers * slots), -1, device=device, dtype=torch.long)
     fields.index_copy_(1, dest, torch.stack([batch_idx, seq_pos, segment, source]))
     image, position, segment_slots, source_slots = fields.view(4, num_containers, slots).unbind(0)
     slot_index, source_index = dest, source
-    if layout != "masked":  # rows in slot order: ascending slots, read off the slot map (no sort)
-        slot_index = (source_slots.reshape(-1) >= 0).nonzero().squeeze(1)
+    if layout != "masked":  # rows in slot order: ascending slots, read off the slot map (no sort, no sync)
+        slot_index = torch.nonzero_static(source_slots.reshape(-1) >= 0, size=total).squeeze(1)
         source_index = source_slots.reshape(-1).index_select(0, slot_index)
-    return Packed(
+    packed = Packed(
         inputs=x,
         image=image,
         position=position,
@@ -366,3 +450,6 @@ def pack(
         num_tokens=N,
         length=length,
     )
+    if first_padding >= 0:
+        packed.__dict__["_first_padding_slot"] = first_padding  # known from the plan: no sync to find it
+    return packed, extra_values

@@ -335,3 +335,66 @@ def test_a_dense_bias_broadcast_over_heads_works_in_every_backend():
     for backend in ("math", "sdpa", "reference"):
         got = packed_attention(q, k, v, packed, one_head, backend=backend)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# --- the shorter paths (issue #17): the same masks, entries and outputs ---------------------------------
+
+
+@given(seed=st.integers(0, 2**16), with_mask=st.booleans())
+def test_allowed_pairs_is_the_spec_formula(seed, with_mask):
+    g = torch.Generator().manual_seed(seed)
+    K, S = 3, 7
+    segment = torch.randint(-1, 3, (K, S), generator=g)
+    mask = torch.rand(K, S, S, generator=g) > 0.3 if with_mask else None
+    real = segment >= 0
+    expected = (segment[:, :, None] == segment[:, None, :]) & real[:, :, None]
+    if mask is not None:
+        expected = expected & mask
+    expected = expected | (torch.eye(S, dtype=torch.bool) & ~real[:, :, None])
+    allowed = allowed_pairs(segment, mask)
+    assert torch.equal(allowed, expected)
+    allowed.fill_(True)  # a fresh tensor: writing to it changes nothing the next call sees (a cached eye)
+    assert torch.equal(allowed_pairs(segment, mask), expected)
+
+
+def test_table_bias_masked_index_and_lookup_bias():
+    from spa.attention import _LookupBias
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(3, 5, generator=g)
+    index = torch.randint(0, 5, (2, 4, 4), generator=g)
+    allowed = torch.rand(2, 4, 4, generator=g) > 0.4
+    plain = TableBias(table, index)
+    assert torch.equal(plain.masked_index(allowed), index.masked_fill(~allowed, 5))
+    # a looked-up index is not checked again; masked entries (E) read -inf, like masked_index
+    lookup = _LookupBias(table, index.masked_fill(~allowed, 5), premasked=True)
+    expected = plain.dense().masked_fill(~allowed[:, None], float("-inf"))
+    assert torch.equal(lookup.dense(), expected)
+    assert torch.equal(lookup.masked(torch.ones_like(allowed)), plain.masked(allowed))
+    assert torch.equal(_LookupBias(table, index).dense(), plain.dense())
+    with pytest.raises(ValueError, match="entries"):
+        TableBias(table, index.masked_fill(~allowed, 5))  # the public one still checks
+
+
+@pytest.mark.parametrize("layout", ["containers", "stream", "padded", "masked"])
+def test_rows_math_without_autograd_is_the_same_computation(layout):
+    torch.manual_seed(0)
+    attn = PackedAttention(DIM, HEADS, backend="math")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 20, DIM, generator=g)
+    keep = torch.rand(3, 20, generator=g) < 0.6
+    packed = pack(x, keep, 6, layout)
+    table = torch.randn(HEADS, 7, generator=g, requires_grad=True)
+    index = torch.randint(0, 7, packed.image.shape + packed.image.shape[1:], generator=g)
+
+    def bias(position):
+        return TableBias(table, index)
+
+    rows = packed.select(x)
+    with_grad = attn(rows, packed, pair_bias=bias, pair_mask=pair_mask)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        no_grad = attn(rows, packed, pair_bias=bias, pair_mask=pair_mask)
+    with torch.inference_mode():
+        inference = attn(rows, packed, pair_bias=bias, pair_mask=pair_mask)
+    assert torch.equal(with_grad.detach(), no_grad) and torch.equal(no_grad, inference)

@@ -244,3 +244,181 @@ def test_block_keeps_the_plan_but_not_its_input() -> None:
     del x, out, selection  # the selection's logits lead back to x through autograd
     gc.collect()
     assert alive() is None
+
+
+# --- fixed per-block cost (issue #17): shared geometry and pair tables, one device sync -------------------
+
+
+class _SyncCounter:
+    """Counts the calls that make the host wait for the device (on CUDA): ``tolist``, ``item``, ``bool``/``int``
+    of a tensor and ``nonzero`` (``nonzero_static`` does not wait)."""
+
+    NAMES = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero")
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            self._wrap(monkeypatch, torch.Tensor, name)
+        self._wrap(monkeypatch, torch, "nonzero")
+
+    def _wrap(self, monkeypatch, owner, name) -> None:
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+def _spread_gate(block: SPABlock) -> SPABlock:
+    with torch.no_grad():
+        block.gate.proj.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return block
+
+
+@pytest.mark.parametrize("layout", ["containers", "stream", "padded", "masked"])
+@pytest.mark.parametrize("select", ["gate", "topk", "random"])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("ffn", ["kept", "all"])
+def test_block_forward_reads_the_device_once(layout, select, train, ffn, monkeypatch):
+    """The packing counts are the one read: the gate's NaN check rides along with them, every other size is
+    known on the host (CPU here; the same calls would wait for a GPU)."""
+    torch.manual_seed(0)
+    block = _spread_gate(
+        SPABlock(16, (14, 14), 2, shift_size=3, select=select, keep_threshold=0.5, layout=layout, ffn=ffn)
+    ).train(train)
+    x = torch.randn(2, 14, 14, 16, requires_grad=train)
+    block(x)  # the first call builds the shared geometry and pair tables
+    syncs = _SyncCounter(monkeypatch)
+    with torch.inference_mode(not train):
+        out, selection = block(x, torch.randn(2, 14, 14))
+    assert syncs.calls == ["tolist"]
+    assert 0 < int(selection.keep.sum()) < 2 * 196
+    if train:
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("select", ["gate", "topk", "random"])
+@pytest.mark.parametrize("train", [False, True])
+def test_nan_logits_still_raise_in_the_block(select, train):
+    torch.manual_seed(0)
+    block = SPABlock(16, (14, 14), 2, select=select).train(train)
+    x = torch.randn(2, 14, 14, 16)
+    bad = x.clone()
+    bad[1, 3, 4, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        block(bad)
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        block(x, torch.full((2, 14, 14), float("nan")))
+    with pytest.raises(
+        ValueError, match="logits contain NaN"
+    ):  # a forced keep: the gate checks first, as before
+        block(bad, keep=torch.ones(2, 14, 14, dtype=torch.bool))
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        block(bad, keep=torch.ones(2, 14, 14))  # and before the keep's own checks
+    out, _ = block(x)  # the block is usable afterwards (the gate checks again when called on its own)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="NaN"):
+        block.gate(bad.reshape(2, 196, 16))
+
+
+def test_select_all_ignores_nan_logits_as_before() -> None:
+    block = SPABlock(16, (14, 14), 2, select="all").eval()
+    x = torch.randn(1, 14, 14, 16)
+    with torch.no_grad():
+        block.gate.proj.bias.fill_(float("nan"))  # 'all' does not read the gate's logits
+    out, selection = block(x)
+    assert selection.keep.all() and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+@pytest.mark.parametrize("backend", ["math", "math+dropout", "sdpa", "reference"])
+@pytest.mark.parametrize("train", [False, True])
+def test_pair_tables_give_what_the_per_call_hooks_give(shift, backend, train, monkeypatch):
+    """Maps up to ``_PAIR_TABLE_MAX_TOKENS`` look bias entries and region masks up in shared tables; larger ones
+    compute them per call from the coordinates. Both must give bit-identical outputs and gradients (attention
+    dropout in training: the slot path of the ``math`` backend)."""
+    import copy
+
+    import spa.models.spa_block as spa_block
+
+    torch.manual_seed(0)
+    drop = 0.2 if backend == "math+dropout" else 0.0
+    block = SPABlock(
+        16, (14, 14), 2, shift_size=shift, keep_threshold=0.5, backend=backend.split("+")[0], attn_drop=drop
+    )
+    block = _spread_gate(block)
+    per_call = copy.deepcopy(block)
+    monkeypatch.setattr(spa_block, "_PAIR_TABLE_MAX_TOKENS", 0)
+    results = []
+    for b in (per_call, block):
+        if b is block:
+            monkeypatch.setattr(spa_block, "_PAIR_TABLE_MAX_TOKENS", 1024)
+        b.train(train)
+        x = torch.randn(2, 14, 14, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(2)
+        out, selection = b(x)
+        (out * torch.arange(out.numel()).view(out.shape).sin()).sum().backward()
+        results.append((out, selection.keep, x.grad, [p.grad for p in b.parameters()]))
+    assert per_call._tables(14, 14, per_call.geometry(14, 14, "cpu"), torch.device("cpu")) is None
+    assert block._tables(14, 14, block.geometry(14, 14, "cpu"), torch.device("cpu")) is not None
+    (out_a, keep_a, gx_a, gp_a), (out_b, keep_b, gx_b, gp_b) = results
+    assert 0 < int(keep_a.sum()) < keep_a.numel()
+    assert torch.equal(out_a, out_b) and torch.equal(keep_a, keep_b) and torch.equal(gx_a, gx_b)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(gp_a, gp_b))
+
+
+def test_blocks_share_geometry_and_pair_tables() -> None:
+    a = SPABlock(16, (14, 14), 2, shift_size=3)
+    b = SPABlock(32, (14, 14), 4, shift_size=3)  # other width and heads: the same geometry
+    c = SPABlock(16, (14, 14), 2, shift_size=0)
+    cpu = torch.device("cpu")
+    assert a.geometry(14, 14, cpu) is b.geometry(14, 14, "cpu") is a.geometry(14, 14, cpu)
+    assert a.geometry(14, 14, cpu) is not c.geometry(14, 14, cpu)
+    geometry = a.geometry(14, 14, cpu)
+    assert a._tables(14, 14, geometry, cpu) is b._tables(14, 14, geometry, cpu)
+    # tables built in inference mode serve training too (they are plain tensors)
+    d = SPABlock(16, (15, 15), 2, shift_size=3)
+    with torch.inference_mode():
+        d(torch.randn(1, 15, 15, 16))
+    out, _ = d(torch.randn(1, 15, 15, 16, requires_grad=True))
+    out.sum().backward()
+    assert not d._tables(15, 15, d.geometry(15, 15, cpu), cpu).entry.is_inference()
+
+
+def test_shared_tables_are_bounded_and_rebuilt_alike(monkeypatch) -> None:
+    import spa.models.spa_block as spa_block
+
+    monkeypatch.setattr(spa_block, "_SHARED_CACHE_BYTES", 3 * 2**20)  # about one 21 x 21 pair table set
+    monkeypatch.setattr(spa_block, "_PAIR_TABLES", spa_block.OrderedDict())
+    block = SPABlock(16, (14, 14), 2, shift_size=3, select="topk", keep_ratio=0.5).eval()
+    outputs = {}
+    for size in (14, 21, 28, 21, 14):
+        x = torch.randn(1, size, size, 16, generator=torch.Generator().manual_seed(size))
+        out, _ = block(x)
+        if size in outputs:  # rebuilt after eviction, or reused: the same result
+            assert torch.equal(out, outputs[size])
+        outputs[size] = out
+        tables = spa_block._PAIR_TABLES
+        assert sum(spa_block._nbytes(v) for v in tables.values()) <= 3 * 2**20 or len(tables) == 1
+    assert len(spa_block._PAIR_TABLES) < 3
+
+
+def test_copies_and_pickles_of_a_block_leave_the_caches_behind() -> None:
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    block = SPABlock(16, (14, 14), 2, shift_size=3, select="topk", keep_ratio=0.4).eval()
+    x = torch.randn(2, 14, 14, 16)
+    out, _ = block(x)
+    assert block._geometry_cache and block._last_pair_tables is not None
+    buffer = io.BytesIO()
+    torch.save(block, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(block), torch.load(buffer, weights_only=False)):
+        assert other._geometry_cache == {} and other._last_pair_tables is None
+        again, _ = other(x)
+        assert torch.equal(again, out)
+        assert other.geometry(14, 14, "cpu") is block.geometry(14, 14, "cpu")  # the shared one again

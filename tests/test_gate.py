@@ -205,3 +205,85 @@ def test_selection_record_validates_and_summarises():
         Selection(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), keep.float(), 2, 0, 16)
     with pytest.raises(AttributeError):
         sel.stage = 3  # frozen
+
+
+# --- the gate's decisions without a valid mask take shorter paths: the same decisions ---------------------
+
+
+def _gate(select: str, **kwargs) -> TokenGate:
+    torch.manual_seed(0)
+    gate = TokenGate(8, select=select, **kwargs)
+    with torch.no_grad():
+        gate.proj.weight.normal_(0, 0.5)
+    return gate
+
+
+@pytest.mark.parametrize("select", ["gate", "topk", "random", "all"])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("min_keep", [0, 30])
+def test_no_valid_mask_decides_as_an_all_true_mask(select, train, min_keep):
+    gate = _gate(select, keep_ratio=0.3, keep_threshold=0.5, min_keep=min_keep).train(train)
+    x = torch.randn(3, 50, 8)
+    x[1, 10:20] = x[1, 0]  # ties: broken by position in both
+    prev = torch.randn(3, 50)
+    torch.manual_seed(5)
+    plain = gate(x, prev)
+    torch.manual_seed(5)
+    masked = gate(x, prev, valid=torch.ones(3, 50, dtype=torch.bool))
+    assert torch.equal(plain.keep, masked.keep) and plain.keep.dtype == torch.bool
+    for a, b in ((plain.own_logits, masked.own_logits), (plain.fused_logits, masked.fused_logits)):
+        assert torch.equal(a, b)
+    assert (plain.soft is None) == (masked.soft is None)
+    if plain.soft is not None:
+        assert torch.equal(plain.soft, masked.soft)
+
+
+def test_topk_without_valid_mask_keeps_the_top_ratio_with_ties_by_position():
+    gate = _gate("topk", keep_ratio=0.28).eval()
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0, 3.0] * 4 + [0.5] * 7])
+    keep = gate(torch.zeros(1, 35, 8), logits).keep  # own logits tie at the bias: the previous ones decide
+    assert torch.equal(keep, topk_keep(logits, 0.28, torch.ones(1, 35, dtype=torch.bool)))
+    assert int(keep.sum()) == 10  # ceil(0.28 * 35) = ceil(9.8)
+
+
+def test_host_ratio_count_is_the_tensor_one():
+    from spa.gate import _ratio_count, _ratio_counts
+
+    for n in range(0, 300):
+        for ratio in (0.28, 0.3, 1 / 3, 0.5, 0.1, 0.7, 1.0, 1e-6):
+            assert _ratio_count(n, ratio) == int(_ratio_counts(torch.ones(1, n, dtype=torch.bool), ratio)[0])
+    with pytest.raises(ValueError, match="keep_ratio"):
+        _ratio_count(10, 1.5)
+
+
+@pytest.mark.parametrize("select", ["gate", "topk", "random"])
+@pytest.mark.parametrize("train", [False, True])
+def test_nan_checks_are_deferred_only_when_asked_never_skipped(select, train):
+    from spa.gate import _deferred_nan_checks
+
+    gate = _gate(select).train(train)
+    x = torch.randn(2, 6, 8)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        gate(x)
+    with _deferred_nan_checks() as pending:
+        gate(x)  # collected, not run
+    assert [name for _, name in pending] == ["logits"] and bool(pending[0][0])
+    with _deferred_nan_checks() as pending:
+        gate(torch.randn(2, 6, 8))
+    assert len(pending) == 1 and not bool(pending[0][0])
+    with pytest.raises(ValueError, match="NaN"):  # and the checks are back after the block
+        gate(x)
+
+
+def test_straight_through_in_eval_keeps_its_gradient():
+    """Eval with the straight-through estimator: the soft factor is ``s * (1 + s' - s')`` with two sigmoid
+    nodes (the gradient of the fused logits sums both branches)."""
+    gate = _gate("gate", straight_through=True, keep_threshold=0.5).eval()
+    x = torch.randn(2, 6, 8)
+    decision = gate(x)
+    decision.soft.sum().backward()
+    s = torch.sigmoid(gate.score(x)).detach()
+    expected = torch.einsum("bn,bnc->c", s * (1 - s) + s * (1 - s) * s, x)  # d/dw of s + s * (s' - s')
+    torch.testing.assert_close(gate.proj.weight.grad[0], expected)
+    assert torch.equal(decision.keep, threshold_keep(gate.score(x), 0.5))

@@ -238,3 +238,105 @@ def test_unpack_checks_shapes():
         packed.unpack(packed.tokens, fill=torch.randn(2, 5, 4))
     with pytest.raises(ValueError, match="rows must be"):
         packed.to_slots(torch.randn(3, 3))
+
+
+# --- what the plan knows on the host (issue #17: no device sync beyond the per-image counts) ---------------
+
+
+class _SyncCounter:
+    """Counts the calls that make the host wait for the device (on CUDA): ``tolist``, ``item``, ``bool``/``int``
+    of a tensor and ``nonzero`` (``nonzero_static`` does not wait)."""
+
+    NAMES = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero")
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            self._wrap(monkeypatch, torch.Tensor, name)
+        self._wrap(monkeypatch, torch, "nonzero")
+
+    def _wrap(self, monkeypatch, owner, name) -> None:
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+def _first_padding_from_slot_map(packed) -> int:
+    padding = (packed.image.reshape(-1) < 0).nonzero().squeeze(1)
+    return int(padding[0]) if padding.numel() else packed.image.numel()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@given(case=ragged())
+def test_plan_knows_its_padding_without_reading_the_slot_map(layout, case):
+    x, keep, L, order = case
+    packed = pack(x, keep, L, layout, order)
+    expected = (packed.image.reshape(-1) < 0).nonzero().squeeze(1)
+    assert torch.equal(packed.padding_slots, expected)
+    if layout != "masked":
+        # every layout but masked fills a prefix of each container, so the first padding slot is the plan's
+        filled = packed.image >= 0
+        assert torch.equal(filled.int(), filled.int().cummin(1).values) if filled.numel() else True
+        assert packed.__dict__["_first_padding_slot"] == _first_padding_from_slot_map(packed)
+    # a plan built by hand (nothing cached) reads it off the slot map
+    from dataclasses import fields
+
+    from spa.packing import Packed
+
+    by_hand = Packed(**{f.name: getattr(packed, f.name) for f in fields(Packed)})
+    assert by_hand._first_padding_slot == _first_padding_from_slot_map(packed)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_without_inputs_keeps_the_plan_and_what_it_knows(layout):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, 4, generator=g)
+    keep = torch.rand(3, 20, generator=g) < 0.6
+    packed = pack(x, keep, 7, layout)
+    _ = packed.tokens, packed.padding_slots
+    plan = packed.without_inputs()
+    assert plan.inputs is None and "tokens" not in plan.__dict__ and packed.inputs is x
+    for name in ("image", "position", "segment", "source", "slot_index", "source_index"):
+        assert torch.equal(getattr(plan, name), getattr(packed, name))
+    assert (plan.layout, plan.batch_size, plan.num_tokens, plan.length) == (layout, 3, 20, 7)
+    assert torch.equal(plan.padding_slots, packed.padding_slots)
+    assert plan._first_padding_slot == packed._first_padding_slot
+    assert torch.equal(plan.gather(x), packed.tokens)
+    with pytest.raises(ValueError, match="without its inputs"):
+        _ = plan.tokens
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pack_reads_the_device_once(layout, monkeypatch):
+    """The per-image counts are the one value the plan needs from the device; every other size is known."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 49, 4, generator=g)
+    keep = torch.rand(4, 49, generator=g) < 0.4
+    order = torch.randperm(49, generator=g)
+    expected = pack(x, keep, 9, layout, order, check_order=False)
+    syncs = _SyncCounter(monkeypatch)
+    packed = pack(x, keep, 9, layout, order, check_order=False)
+    _ = packed.padding_slots
+    if layout != "masked":  # masked pads in place (unkept tokens): its rows are its slots, nothing reads this
+        _ = packed._first_padding_slot
+    assert syncs.calls == ["tolist"]
+    for name in ("image", "position", "segment", "source", "slot_index", "source_index"):
+        assert torch.equal(getattr(packed, name), getattr(expected, name))
+
+
+def test_pack_reads_extra_flags_in_the_same_sync(monkeypatch):
+    from spa.packing import _pack
+
+    x, keep = torch.randn(2, 10, 3), torch.rand(2, 10) > 0.5
+    flags = (torch.tensor(True), torch.tensor(False), torch.tensor(3))
+    syncs = _SyncCounter(monkeypatch)
+    packed, values = _pack(x, keep, 4, sync_with=flags)
+    assert values == [1, 0, 3] and syncs.calls == ["tolist"]
+    assert packed.num_kept == int(keep.sum())
+    # a partial order's check rides along too (and still raises)
+    with pytest.raises(ValueError, match="not in order"):
+        _pack(x, torch.ones(2, 10, dtype=torch.bool), 4, order=torch.arange(5), sync_with=flags)

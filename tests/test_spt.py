@@ -256,3 +256,32 @@ def test_grad_checkpointing_of_spa_stages_alone_saves_memory() -> None:
     assert ckpt < 0.2 * plain
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_one_device_read_per_spa_block_and_shared_geometry(train, monkeypatch) -> None:
+    """Issue #17: the packing counts are the only value an SPA block reads back from the device (they carry the
+    gate's NaN check); the blocks of a stage share their window geometry (two: plain and shifted)."""
+    model = _nano(select="topk", keep_ratio=0.3).train(train)
+    x = torch.randn(2, 3, 112, 112)
+    model(x)
+    calls: list[str] = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with torch.inference_mode(not train):
+        out = model(x)
+    assert calls == ["tolist"] * len(model.spa_blocks())
+    if train:
+        out.sum().backward()
+    stage = spa.create_model("spt_nano", img_size=112, depths=(1, 1, 4, 1)).layers[2]
+    cpu = torch.device("cpu")
+    shapes = {id(block.geometry(7, 7, cpu)) for block in stage.blocks}
+    assert len(shapes) == 1  # a 7x7 map fits one window: no shift anywhere, one geometry
+    shapes = {id(block.geometry(14, 14, cpu)) for block in stage.blocks}
+    assert len(shapes) == 2 and stage.blocks[0].geometry(14, 14, cpu) is stage.blocks[2].geometry(14, 14, cpu)

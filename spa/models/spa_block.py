@@ -9,15 +9,18 @@ same packed code path.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
-from spa.attention import PackedAttention, TableBias
-from spa.gate import TokenGate
-from spa.packing import LAYOUTS, Packed, pack
+from spa.attention import PackedAttention, TableBias, _LookupBias
+from spa.gate import _DEFERRED_NAN_CHECKS, TokenGate, _nan_error
+from spa.packing import LAYOUTS, Packed, _pack
 from spa.selection import Selection
 
 __all__ = ["PackedWindowAttention", "SPABlock", "WindowGeometry", "window_geometry", "window_shift"]
@@ -91,6 +94,49 @@ def window_geometry(
     )
 
 
+_SHARED_CACHE_SIZE = 64  # geometries / pair tables kept (a few per stage and input size)
+_SHARED_CACHE_BYTES = 256 * 2**20  # and at most this much tensor memory per cache (pair tables are N x N)
+_GEOMETRIES: OrderedDict[tuple, WindowGeometry] = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+
+
+def _nbytes(value: object) -> int:
+    tensors = (getattr(value, name) for name in getattr(value, "__dataclass_fields__", ()))
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _shared(cache: OrderedDict, key: tuple, build: Callable[[], object]) -> object:
+    """``cache[key]``, built on first use; least recently used entries are dropped beyond ``_SHARED_CACHE_SIZE``
+    entries or ``_SHARED_CACHE_BYTES`` of tensors (the newest entry is always kept).
+
+    Built outside inference mode and autograd, so that an entry made during an inference pass also serves
+    training. Entries are index tensors that are only ever read.
+    """
+    with _SHARED_LOCK:
+        value = cache.get(key)
+        if value is not None:
+            cache.move_to_end(key)
+            return value
+    with torch.inference_mode(False), torch.no_grad():
+        value = build()
+    with _SHARED_LOCK:
+        value = cache.setdefault(key, value)
+        cache.move_to_end(key)
+        total = sum(_nbytes(v) for v in cache.values())
+        while len(cache) > 1 and (len(cache) > _SHARED_CACHE_SIZE or total > _SHARED_CACHE_BYTES):
+            total -= _nbytes(cache.popitem(last=False)[1])
+    return value
+
+
+def _shared_geometry(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device
+) -> WindowGeometry:
+    """``window_geometry``, shared by every block that asks for the same map, window, shift and device (the
+    blocks of a stage, every second one shifted, share two)."""
+    key = (height, width, window, shift, device)
+    return _shared(_GEOMETRIES, key, lambda: window_geometry(height, width, window, shift, device))
+
+
 class PackedWindowAttention(PackedAttention):
     """``PackedAttention`` with Swin's relative position bias table.
 
@@ -115,6 +161,47 @@ class PackedWindowAttention(PackedAttention):
         dw = (col[:, :, None] - col[:, None, :]).clamp_(-(ww - 1), ww - 1)
         index = dh.mul_(2 * ww - 1).add_(dw).add_((wh - 1) * (2 * ww - 1) + ww - 1)
         return TableBias(self.relative_position_bias_table.t(), index)
+
+
+# pair tables are [N, N] long (8 MiB each at 1024 tokens); larger maps compute the pairs per call
+_PAIR_TABLE_MAX_TOKENS = 1024
+_PAIR_TABLES: OrderedDict[tuple, _PairTables] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class _PairTables:
+    """Per-pair lookups of one window geometry, indexed by two visiting positions ``[p_i, p_j]`` (what the
+    attention hooks of ``SPABlock`` otherwise compute per call from the tokens' coordinates and regions).
+
+    Attributes:
+        entry: ``[N, N]`` relative-position bias entry of every pair (``relative_position_bias``).
+        same_region: ``[N, N]`` bool, the shifted-window region mask; None without shift.
+        masked_entry: ``entry`` with ``E`` (one past the bias table) where the regions differ.
+    """
+
+    entry: torch.Tensor
+    same_region: torch.Tensor | None
+    masked_entry: torch.Tensor
+
+
+def _pair_tables(
+    attn: PackedWindowAttention, height: int, width: int, geometry: WindowGeometry, device: torch.device
+) -> _PairTables:
+    """The pair tables of ``geometry`` (of an ``height x width`` map) for ``attn``'s bias window, shared by the
+    blocks with the same key."""
+    entries = attn.relative_position_bias_table.shape[0]
+    key = (height, width, geometry.window, geometry.shift, attn.window, entries, device)
+
+    def build() -> _PairTables:
+        # the very computation of ``relative_position_bias`` on all N tokens at once (checked there, once)
+        entry = attn.relative_position_bias(geometry.coords[None]).index[0]
+        if not any(geometry.shift):
+            return _PairTables(entry, None, entry)
+        region = geometry.region
+        same = region[:, None] == region[None, :]
+        return _PairTables(entry, same, entry.masked_fill(~same, entries))
+
+    return _shared(_PAIR_TABLES, key, build)
 
 
 class SPABlock(nn.Module):
@@ -201,7 +288,16 @@ class SPABlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self._geometry_cache: dict[tuple, WindowGeometry] = {}
+        # the pair tables of the latest map: (key, tables); one entry, so that the shared cache's limits hold
+        self._last_pair_tables: tuple[tuple, _PairTables | None] | None = None
         self.last_packed: Packed | None = None  # the latest plan (no inputs), for inspection and FLOPs
+
+    def __getstate__(self) -> dict:
+        # the caches are rebuilt on demand (and shared): a copy or a pickle of the block does not carry them
+        state = dict(super().__getstate__())
+        state["_geometry_cache"] = {}
+        state["_last_pair_tables"] = None
+        return state
 
     def geometry(self, height: int, width: int, device: torch.device) -> WindowGeometry:
         """Window geometry of an ``height x width`` map (cached).
@@ -211,11 +307,32 @@ class SPABlock(nn.Module):
         window (the block was built for a smaller input) has its offsets clipped to the table's range, as for
         any pair of packed tokens (no equality with timm is promised there).
         """
-        key = (height, width, str(device))
-        if key not in self._geometry_cache:
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
+        key = (height, width, device)
+        geometry = self._geometry_cache.get(key)
+        if geometry is None:
             window, shift = window_shift((height, width), self.target_window, self.target_shift)
-            self._geometry_cache[key] = window_geometry(height, width, window, shift, device)
-        return self._geometry_cache[key]
+            geometry = self._geometry_cache[key] = _shared_geometry(height, width, window, shift, device)
+        return geometry
+
+    def _tables(self, height: int, width: int, geometry: WindowGeometry, device: torch.device):
+        """The shared pair tables of this block's map, or None where the hooks compute per call (a large map,
+        or an attention module whose relative position bias is not ``PackedWindowAttention``'s)."""
+        attn = self.attn
+        table = getattr(attn, "relative_position_bias_table", None)
+        key = (height, width, device, getattr(attn, "window", None), None if table is None else table.shape)
+        last = self._last_pair_tables
+        if last is not None and last[0] == key:
+            return last[1]
+        tables = None
+        if (
+            type(attn).relative_position_bias is PackedWindowAttention.relative_position_bias
+            and height * width <= _PAIR_TABLE_MAX_TOKENS
+        ):
+            tables = _pair_tables(attn, height, width, geometry, device)
+        self._last_pair_tables = (key, tables)
+        return tables
 
     def _per_image_drop_path(self, batch_size: int, like: torch.Tensor) -> torch.Tensor | None:
         """Stochastic depth scales ``[2, B]``: one draw per image for the attention branch, an independent one
@@ -249,25 +366,45 @@ class SPABlock(nn.Module):
         geometry = self.geometry(H, W, x.device)
         tokens = x.reshape(B, H * W, C)
         previous = None if previous_logits is None else previous_logits.reshape(B, H * W)
-        decision = self.gate(tokens, previous)
-        if keep is not None:
+        # the gate's NaN checks (one device sync each) are read with the packing counts below, in the one sync
+        # the packing plan needs; a forced ``keep`` (tests, analyses) keeps them in the gate, before its checks
+        nan_checks: list[tuple[torch.Tensor, str]] = []
+        if keep is None:
+            deferred = _DEFERRED_NAN_CHECKS.set(nan_checks)
+            try:
+                decision = self.gate(tokens, previous)
+            finally:
+                _DEFERRED_NAN_CHECKS.reset(deferred)
+        else:
+            decision = self.gate(tokens, previous)
             if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
                 raise TypeError(f"keep must be a bool tensor, got {getattr(keep, 'dtype', type(keep))}")
             if keep.shape != (B, H, W):
                 raise ValueError(f"keep must be [B, H, W] = {[B, H, W]}, got {list(keep.shape)}")
             decision = decision._replace(keep=keep.reshape(B, H * W).to(x.device))
         window = geometry.window
-        packed = pack(
-            tokens, decision.keep, window[0] * window[1], self.layout, geometry.order, check_order=False
+        packed, has_nan = _pack(
+            tokens,
+            decision.keep,
+            window[0] * window[1],
+            self.layout,
+            geometry.order,
+            check_order=False,
+            sync_with=tuple(flag for flag, _ in nan_checks),
         )
+        for flag, (_, name) in zip(has_nan, nan_checks):
+            if flag:
+                raise _nan_error(name)
         self.last_packed = packed.without_inputs()  # the plan only: the block does not hold on to x
         scale = self._per_image_drop_path(B, x)  # per image, drawn after unpacking (never per container)
         out = tokens
         if packed.num_kept:
-            update = self._kept_update(packed, tokens, decision.soft, geometry, scale)
+            tables = self._tables(H, W, geometry, x.device)
+            update = self._kept_update(packed, tokens, decision.soft, geometry, scale, tables)
             out = packed.add_rows(tokens, update)
         if self.ffn == "all":
-            out = self._ffn_on_unkept(out, decision.keep, None if scale is None else scale[1])
+            unkept = B * H * W - packed.num_kept
+            out = self._ffn_on_unkept(out, decision.keep, None if scale is None else scale[1], unkept)
         selection = Selection(
             own_logits=decision.own_logits.view(B, H, W),
             fused_logits=decision.fused_logits.view(B, H, W),
@@ -285,25 +422,18 @@ class SPABlock(nn.Module):
         soft: torch.Tensor | None,
         geometry: WindowGeometry,
         scale: torch.Tensor | None,
+        tables: _PairTables | None = None,
     ) -> torch.Tensor:
         """Residual update (attention + FFN) of the kept tokens' rows (``packed.select``): ``[R, C]`` out.
 
         Linear layers and the FFN run on rows only; padding slots exist only inside attention.
         """
         rows = packed.select(tokens)
-
-        def pair_bias(position: torch.Tensor) -> TableBias:
-            return self.attn.relative_position_bias(geometry.coords[position.clamp(min=0)])
-
-        def pair_mask(position: torch.Tensor) -> torch.Tensor | None:
-            if not any(geometry.shift):
-                return None
-            region = geometry.region[position.clamp(min=0)]
-            return region[:, :, None] == region[:, None, :]
-
+        pair_bias, pair_mask = self._pair_hooks(geometry, tables, rows, packed)
         update = self.attn(self.norm1(rows), packed, pair_bias=pair_bias, pair_mask=pair_mask)
         if soft is not None:  # the gate's fp32 factor, in the update's precision (a no-op in fp32)
-            update = update * packed.select(soft).to(update.dtype)[:, None]
+            factor = packed.select(soft)
+            update = update * (factor if factor.dtype == update.dtype else factor.to(update.dtype))[:, None]
         if scale is not None:  # [2, B]: attention branch, MLP branch
             if packed.layout == "masked":
                 row_scale = scale.repeat_interleave(packed.num_tokens, dim=1)[:, :, None]
@@ -313,12 +443,64 @@ class SPABlock(nn.Module):
             return update + self.mlp(self.norm2(rows + update)) * row_scale[1]
         return update + self.mlp(self.norm2(rows + update))
 
+    def _pair_hooks(
+        self, geometry: WindowGeometry, tables: _PairTables | None, rows: torch.Tensor, packed: Packed
+    ) -> tuple[Callable, Callable]:
+        """The attention hooks: relative position bias and shifted-window mask of the slots' positions.
+
+        With pair tables, a pair's bias entry (and region test) is one lookup; where the attention runs the
+        ``math`` rows path the region mask is folded into that lookup (entry ``E``: masked) and no mask hook
+        is needed. Either way the same entries and masks as computed from the coordinates.
+        """
+        attn = self.attn
+        if tables is None:
+
+            def pair_bias(position: torch.Tensor) -> TableBias:
+                return attn.relative_position_bias(geometry.coords[position.clamp(min=0)])
+
+            def pair_mask(position: torch.Tensor) -> torch.Tensor | None:
+                if not any(geometry.shift):
+                    return None
+                region = geometry.region[position.clamp(min=0)]
+                return region[:, :, None] == region[:, None, :]
+
+            return pair_bias, pair_mask
+
+        def lookup(table: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            p = position.clamp(min=0)
+            return table[p[:, :, None], p[:, None, :]]
+
+        table = attn.relative_position_bias_table
+        if tables.same_region is None:  # no shift: no mask
+
+            def pair_bias(position: torch.Tensor) -> TableBias:
+                return _LookupBias(table.t(), lookup(tables.entry, position))
+
+            return pair_bias, None
+        if type(attn).forward is PackedAttention.forward and attn._rows_math_applies(rows, packed):
+
+            def pair_bias(position: torch.Tensor) -> TableBias:
+                return _LookupBias(table.t(), lookup(tables.masked_entry, position), premasked=True)
+
+            return pair_bias, None
+
+        def pair_bias(position: torch.Tensor) -> TableBias:
+            return _LookupBias(table.t(), lookup(tables.entry, position))
+
+        def pair_mask(position: torch.Tensor) -> torch.Tensor | None:
+            return lookup(tables.same_region, position)
+
+        return pair_bias, pair_mask
+
     def _ffn_on_unkept(
-        self, out: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None
+        self, out: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None, unkept: int | None = None
     ) -> torch.Tensor:
-        """``ffn='all'``: unselected tokens get ``x + MLP(LN2(x))``."""
+        """``ffn='all'``: unselected tokens get ``x + MLP(LN2(x))`` (``unkept``: how many, if known)."""
         B, N, C = out.shape
-        index = (~keep).reshape(-1).nonzero().squeeze(1)
+        if unkept is None:
+            index = (~keep).reshape(-1).nonzero().squeeze(1)
+        else:  # the size is known: no device sync
+            index = torch.nonzero_static(~keep.reshape(-1), size=unkept).squeeze(1)
         if index.numel() == 0:
             return out
         flat = out.reshape(B * N, C)
