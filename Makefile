@@ -31,19 +31,19 @@ $(VENV_MIN)/.installed: pyproject.toml
 setup-min: $(VENV_MIN)/.installed
 
 lint: setup
-	$(VENV)/bin/ruff check spa tests
-	$(VENV)/bin/ruff format --check spa tests
+	$(VENV)/bin/ruff check spa spa_cli.py tests
+	$(VENV)/bin/ruff format --check spa spa_cli.py tests
 
 format: setup
-	$(VENV)/bin/ruff check --fix spa tests
-	$(VENV)/bin/ruff format spa tests
+	$(VENV)/bin/ruff check --fix spa spa_cli.py tests
+	$(VENV)/bin/ruff format spa spa_cli.py tests
 
 test: lint
 	$(PY) -m pytest -m "not slow"
 
 test-min: setup-min
-	$(VENV_MIN)/bin/ruff check spa tests
-	$(VENV_MIN)/bin/ruff format --check spa tests
+	$(VENV_MIN)/bin/ruff check spa spa_cli.py tests
+	$(VENV_MIN)/bin/ruff format --check spa spa_cli.py tests
 	$(PY_MIN) -m pytest -m "not slow"
 
 test-slow: setup

@@ -5,7 +5,8 @@ gradients is below ``5e-2`` for bf16 (8-bit mantissa: ~4e-3 per rounding, a few 
 LayerNorm, linear layers, attention and the MLP) and below ``1e-2`` for fp16 (11-bit mantissa). Both runs use
 the same weights and the same keep decision (forced, or the eval threshold far from every probability), so
 the numbers differ by rounding alone. In SPT (a deep bf16 residual stream on CPU) the bound holds for the
-output, the image gradient and all parameters' gradients together; a single parameter's gradient gets 3x it.
+output, the image gradient and all parameters' gradients together; a single parameter's gradient gets 3x it,
+as does the gate's bias gradient in a standalone block (a scalar: a signed sum over every kept token).
 
 bf16 on this CPU is slow: every case is a few tokens of a few channels.
 """
@@ -63,7 +64,10 @@ def _assert_close_to_fp32(got, want, tol: float) -> None:
     for name, grad in grads.items():
         assert grad.dtype == torch.float32, name  # fp32 parameters get fp32 gradients
         assert torch.isfinite(grad).all(), name
-        assert rel_err(grad, grads32[name]) < tol, name
+        # the gate's bias gradient is one number, a signed sum over every kept token: its cancellation
+        # amplifies the relative rounding error (0.066-0.074 seen with torch 2.6's bf16 kernels), so 3x
+        bound = 3 * tol if name.endswith("gate.proj.bias") else tol
+        assert rel_err(grad, grads32[name]) < bound, name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -73,7 +73,7 @@ def test_executed_matches_flop_counter_when_nothing_is_kept(layout: str) -> None
 
 
 def test_kept_is_layout_independent_and_below_dense() -> None:
-    x = torch.randn(3, 3, 112, 112)
+    x = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(0))
     results = {}
     for layout in ("containers", "padded", "masked"):
         torch.manual_seed(0)
@@ -84,7 +84,11 @@ def test_kept_is_layout_independent_and_below_dense() -> None:
     kept = {k: r.kept for k, r in results.items()}
     assert kept["padded"] == pytest.approx(kept["containers"]) == pytest.approx(kept["masked"])
     assert results["containers"].kept < dense.kept
-    assert results["containers"].executed <= results["padded"].executed <= results["masked"].executed
+    # padding is executed, not kept: every layout executes at least what it keeps, and the masked layout (all
+    # tokens of every image) the most. Containers vs padded is not ordered in general: with no full chunk,
+    # padded trims to the largest image while first-fit bins can be longer (counts 30, 10, 10 of 49 slots)
+    for result in results.values():
+        assert kept["containers"] <= result.executed <= results["masked"].executed
 
 
 def test_swin_padding_counts_as_executed_only() -> None:
