@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test test-slow test-min setup-min lint format bench demo clean
+.PHONY: setup test test-slow test-min setup-min lint format bench demo clean gpu-check
 
 # make test-min: ruff and the default suite in a venv of its own on the lowest Python requires-python allows
 # (PYENV_VERSION picks pyenv's 3.10), with every dependency at the lower bound pyproject.toml gives it (PyTorch
@@ -54,6 +54,17 @@ bench: setup
 
 demo: setup
 	$(VENV)/bin/spa demo
+
+# make gpu-check: spa's GPU check (scripts/gpu_check.sh -> python -m spa.bench.gpu_check) with the machine's own
+# python3 (no .venv: GPU machines reach no registry); results.json + summary.md under OUT (default ./gpu_out).
+# Copies the carried wheels (timm, pycocotools) from GPU_WHEELS_SRC into .gpu/wheels when that folder exists
+# (run it once here, then take .gpu along to the GPU machine). GPU_CHECK_ARGS="--device cpu --small": smoke test.
+GPU_WHEELS_SRC ?= ../shared/gpu/wheels
+GPU_CHECK_ARGS ?=
+gpu-check:
+	mkdir -p .gpu/wheels
+	if [ -d "$(GPU_WHEELS_SRC)" ]; then cp -f "$(GPU_WHEELS_SRC)"/*.whl .gpu/wheels/; fi
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -13,13 +13,26 @@ from spa.bench.detector import (
     bench_detector,
     format_detector_table,
 )
-from spa.bench.timing import device_sync, environment, interleaved_rounds, median_ratio
+from spa.bench.timing import (
+    AMP_MODES,
+    DEVICES,
+    BenchDevice,
+    device_sync,
+    environment,
+    interleaved_rounds,
+    median_ratio,
+    pass_fields,
+    peak_memory,
+)
 
 __all__ = [
+    "AMP_MODES",
     "DETECTOR_KEEP_RATIOS",
     "DETECTOR_REQUIRED_KEYS",
+    "DEVICES",
     "REQUIRED_KEYS",
     "SPT_KEEP_RATIOS",
+    "BenchDevice",
     "DetectorHeads",
     "bench_backbone",
     "bench_block",
@@ -31,5 +44,7 @@ __all__ = [
     "format_table",
     "interleaved_rounds",
     "median_ratio",
+    "pass_fields",
+    "peak_memory",
     "register",
 ]

@@ -23,23 +23,34 @@ baselines of the same width, random weights, drop path off) on random images.
   (``--checkpoint``); ``select='dense'``, ``layout='dense'`` for the timm Swin baselines.
 - Inputs: random normal images, or ``--images`` (files/folders, cycled to fill the batch, resized to the size,
   ImageNet-normalized) so that a trained gate sees real scenes; records say which (``inputs``).
+- Device and precision (``spa.bench.timing.BenchDevice``): ``device='cuda'`` times with CUDA events after a
+  synchronisation; ``amp='bf16'`` runs train steps and inference under bf16 autocast (GMACs are counted
+  without). On CUDA the peak-RSS processes are not run (host RSS says little there); instead
+  ``train_peak_mem_mb`` / ``infer_peak_mem_mb`` = ``torch.cuda.max_memory_allocated`` during one step in the
+  timing worker (every model of the worker resident; ``*_peak_mem_delta_mb`` subtracts what was allocated
+  before the step). ``backend``: the SPA blocks' attention backend(s); several are timed in the same rounds.
+  ``compile=True``: every model, the dense baselines too, goes through ``spa.compile.compile_model``, one
+  compiled copy (same weights) per configuration so that switching configurations never recompiles.
+  Records carry ``device``, ``amp``, ``backend``, ``compiled`` and ``env_*`` (GPU name, versions).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spa.bench.timing import environment, interleaved_rounds, median_ratio
+from spa.attention import BACKENDS
+from spa.bench.timing import BenchDevice, pass_fields
 from spa.errors import ConfigError
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
@@ -59,8 +70,10 @@ def _backbone_configs(
     layouts: Sequence[str],
     checkpoint: str | None,
     checkpoint_model: str | None,
+    backends: Sequence[str] = ("auto",),
 ) -> list[dict]:
-    """Configurations to time in one (size, batch) worker; every SPT width gets its dense baseline."""
+    """Configurations to time in one (size, batch) worker; every SPT width gets its dense baseline. SPT
+    configurations run for every attention backend of ``backends``; dense ones have ``backend`` None."""
     from spa.models import dense_baseline_of, is_spt_name, list_backbones
 
     configs: list[dict] = []
@@ -69,22 +82,27 @@ def _backbone_configs(
         if name not in list_backbones():
             raise ConfigError(f"unknown backbone {name!r}; choose from {list_backbones()}")
         if is_spt_name(name):
-            for layout in layouts:
-                for ratio in keep_ratios:
-                    configs.append(
-                        {"model": name, "select": "topk", "keep_ratio": float(ratio), "layout": layout}
-                    )
+            for backend in backends:
+                for layout in layouts:
+                    for ratio in keep_ratios:
+                        configs.append(
+                            {"model": name, "select": "topk", "keep_ratio": float(ratio), "layout": layout,
+                             "backend": backend}
+                        )  # fmt: skip
         if dense_baseline_of(name) not in dense:
             dense.append(dense_baseline_of(name))
     if checkpoint:
-        for layout in layouts:
-            configs.append(
-                {"model": checkpoint_model, "select": "gate", "keep_ratio": None, "layout": layout,
-                 "checkpoint": str(checkpoint)}
-            )  # fmt: skip
+        for backend in backends:
+            for layout in layouts:
+                configs.append(
+                    {"model": checkpoint_model, "select": "gate", "keep_ratio": None, "layout": layout,
+                     "checkpoint": str(checkpoint), "backend": backend}
+                )  # fmt: skip
         if dense_baseline_of(checkpoint_model) not in dense:
             dense.append(dense_baseline_of(checkpoint_model))
-    configs = [{"model": d, "select": "dense", "keep_ratio": 1.0, "layout": "dense"} for d in dense] + configs
+    configs = [
+        {"model": d, "select": "dense", "keep_ratio": 1.0, "layout": "dense", "backend": None} for d in dense
+    ] + configs
     for cfg in configs:
         cfg.setdefault("checkpoint", None)
         cfg["dense_model"] = dense_baseline_of(cfg["model"])
@@ -109,21 +127,24 @@ def _configure(model: nn.Module, cfg: dict) -> None:
     for block in model.modules():
         if isinstance(block, SPABlock):
             block.layout = cfg["layout"]
+            if cfg.get("backend"):
+                block.attn.backend = cfg["backend"]
             if cfg["select"] == "topk":
                 block.gate.select, block.gate.keep_ratio = "topk", cfg["keep_ratio"]
 
 
-def _train_step(model: nn.Module, x: torch.Tensor) -> None:
+def _train_step(model: nn.Module, x: torch.Tensor, bench: BenchDevice | None = None) -> None:
     model.train()
     model.zero_grad(set_to_none=True)
-    outs = model(x)
+    with bench.autocast() if bench else nullcontext():
+        outs = model(x)
     loss = sum(o.float().sum() for o in outs)
     loss.backward()
 
 
-def _infer_step(model: nn.Module, x: torch.Tensor) -> None:
+def _infer_step(model: nn.Module, x: torch.Tensor, bench: BenchDevice | None = None) -> None:
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), bench.autocast() if bench else nullcontext():
         model(x)
 
 
@@ -149,44 +170,53 @@ def _inputs(spec: dict) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _worker_time(spec: dict, progress: Callable[[str], None]) -> list[dict]:
-    """Time every configuration of one (size, batch), interleaved; GMACs and kept ratios on the way."""
+def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
+    """Time every configuration of one (size, batch), interleaved; GMACs, kept ratios and (CUDA) peak memory
+    on the way. Returns ``{"results": [...], "environment": {...}}``."""
     from spa.flops import count_macs
 
     size, batch = spec["size"], spec["batch_size"]
+    bench = BenchDevice.resolve(spec.get("device", "cpu"), spec.get("amp", "off"))
     torch.manual_seed(spec.get("seed", 0))
-    x = _inputs(spec)
+    x = _inputs(spec).to(bench.device)
     models: dict[tuple, nn.Module] = {}
     results: list[dict] = []
     runs: dict[tuple[int, str], Callable[[], None]] = {}
     for i, cfg in enumerate(spec["configs"]):
         key = (cfg["model"], cfg["select"] == "dense", cfg.get("checkpoint"))
         if key not in models:
-            models[key] = _build_backbone(cfg, size)
+            models[key] = _build_backbone(cfg, size).to(bench.device)
         model = models[key]
         _configure(model, cfg)
         model.eval()
         macs = count_macs(model, x)
         selections = getattr(model, "last_selections", []) if cfg["select"] != "dense" else []
         kept = float(torch.stack([s.keep_ratio.mean() for s in selections]).mean()) if selections else 1.0
-        results.append(
-            {
-                "gmacs_kept": round(macs.kept, 4),
-                "gmacs_executed": round(macs.executed, 4),
-                "kept_ratio_measured": round(kept, 4),
-            }
-        )
+        res = {
+            "gmacs_kept": round(macs.kept, 4),
+            "gmacs_executed": round(macs.executed, 4),
+            "kept_ratio_measured": round(kept, 4),
+        }
+        timed_model = model
+        if spec.get("compile"):  # a compiled copy per configuration: its graph never sees another setting
+            from spa.compile import compile_model
 
-        def run(step: Callable, model: nn.Module = model, cfg: dict = cfg) -> Callable[[], None]:
-            return lambda: (_configure(model, cfg), step(model, x))
+            timed_model = compile_model(copy.deepcopy(model) if cfg["select"] != "dense" else model)
+
+        def run(step: Callable, model: nn.Module = timed_model, cfg: dict = cfg) -> Callable[[], None]:
+            return lambda: (_configure(model, cfg), step(model, x, bench))
 
         runs[(i, "train_ms")] = run(_train_step)
         runs[(i, "infer_ms")] = run(_infer_step)
+        if bench.is_cuda:
+            res.update({f"train_{k}": v for k, v in bench.peak_memory(runs[(i, "train_ms")]).items()})
+            res.update({f"infer_{k}": v for k, v in bench.peak_memory(runs[(i, "infer_ms")]).items()})
+        results.append(res)
     say = lambda msg: progress(f"size {size} batch {batch}: {msg}")  # noqa: E731
-    times = interleaved_rounds(runs, spec["rounds"], spec["warmup"], spec.get("seed", 0), say)
+    times = bench.rounds(runs, spec["rounds"], spec["warmup"], spec.get("seed", 0), say)
     for (i, key), ms in times.items():
         results[i][key] = ms
-    return results
+    return {"results": results, "environment": bench.environment()}
 
 
 def _worker_memory(spec: dict) -> dict:
@@ -256,22 +286,32 @@ def bench_backbone(
     threads: int = 2,
     memory: bool = True,
     seed: int = 0,
+    device: str = "cpu",
+    amp: str = "off",
+    backend: str | Sequence[str] = "auto",
+    compile: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Benchmark whole backbones (``features_only`` SPT vs timm Swin of the same width); see the module docstring.
 
-    Returns one record per (model, size, batch size, select, keep ratio, layout) with GMACs (kept and
-    executed), train-step and inference images/s, peak RSS, and the time ratios to the dense baseline.
+    Returns one record per (model, size, batch size, select, keep ratio, layout, backend) with GMACs (kept and
+    executed), train-step and inference images/s, peak memory (RSS on CPU, allocated GPU memory on CUDA), the
+    time ratios to the dense baseline, the device, AMP mode and environment (``env_*``).
     """
     import tempfile
 
     say = progress or (lambda msg: None)
-    for name, values in (("layouts", layouts), ("keep_ratios", keep_ratios)):
+    bench = BenchDevice.resolve(device, amp)
+    backends = [backend] if isinstance(backend, str) else list(backend)
+    for name, values in (("layouts", layouts), ("keep_ratios", keep_ratios), ("backends", backends)):
         if not values:
             raise ConfigError(f"{name} must not be empty")
     bad = [lay for lay in layouts if lay not in LAYOUTS]
     if bad:
         raise ConfigError(f"unknown layout(s) {bad}; choose from {LAYOUTS}")
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise ConfigError(f"unknown backend(s) {bad}; choose from {BACKENDS}")
     if any(not 0.0 < r <= 1.0 for r in keep_ratios):
         raise ConfigError(f"keep ratios must be in (0, 1], got {list(keep_ratios)}")
     if not sizes or not batch_sizes or any(s < 32 for s in sizes) or any(b < 1 for b in batch_sizes):
@@ -292,10 +332,9 @@ def bench_backbone(
         from spa.viz import _image_paths
 
         image_paths = [str(p) for p in _image_paths([str(i) for i in images])]
-    configs = _backbone_configs(models, keep_ratios, layouts, checkpoint, checkpoint_model)
-    env = environment()
-    env["threads"] = threads
-    env["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine makes timings noisy
+    configs = _backbone_configs(models, keep_ratios, layouts, checkpoint, checkpoint_model, backends)
+    load = round(os.getloadavg()[0], 2)  # other work on the machine makes timings noisy
+    rss_memory = memory and not bench.is_cuda  # on CUDA the timing worker records GPU peak memory instead
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="spa-bench-") as tmp:
         workdir = Path(tmp)
@@ -304,75 +343,89 @@ def bench_backbone(
                 say(f"size {size} batch {batch}: timing {len(configs)} configurations in one process")
                 common = {"size": size, "batch_size": batch, "threads": threads, "seed": seed}
                 common["images"] = image_paths
-                timed = _run_worker(
-                    {**common, "mode": "time", "configs": configs, "rounds": rounds, "warmup": warmup},
-                    workdir,
-                    f"time-{size}-{batch}",
-                )
-                dense_at = {c["model"]: i for i, c in enumerate(configs) if c["select"] == "dense"}
+                spec = {
+                    **common, "mode": "time", "configs": configs, "rounds": rounds, "warmup": warmup,
+                    "device": str(bench.device), "amp": bench.amp, "compile": compile,
+                }  # fmt: skip
+                out = _run_worker(spec, workdir, f"time-{size}-{batch}")
                 rss: list[dict] = []
                 for i, cfg in enumerate(configs):
-                    if memory:
+                    if rss_memory:
                         say(f"size {size} batch {batch}: peak memory {i + 1}/{len(configs)}")
                         rss.append(
                             _run_worker({**common, "mode": "memory", "config": cfg}, workdir, f"mem-{i}")
                         )
                     else:
-                        rss.append(
-                            dict.fromkeys(
-                                ("base_rss_mb", "infer_peak_rss_mb", "peak_rss_mb", "peak_rss_delta_mb")
-                            )
-                        )
-                for i, cfg in enumerate(configs):
-                    res, ref = timed[i], timed[dense_at[cfg["dense_model"]]]
-                    train_ms, infer_ms = (
-                        statistics.median(res["train_ms"]),
-                        statistics.median(res["infer_ms"]),
-                    )
-                    rec = {k: v for k, v in cfg.items()}
-                    if rec["keep_ratio"] is None:
-                        rec["keep_ratio"] = res["kept_ratio_measured"]
-                    dense_rss = rss[dense_at[cfg["dense_model"]]]["peak_rss_mb"]
-                    ref_macs = ref["gmacs_executed"]
-                    rec.update(
-                        size=size,
-                        batch_size=batch,
-                        kept_ratio_measured=res["kept_ratio_measured"],
-                        gmacs_kept=res["gmacs_kept"],
-                        gmacs_executed=res["gmacs_executed"],
-                        gmacs=res["gmacs_executed"],
-                        train_ms=round(train_ms, 2),
-                        infer_ms=round(infer_ms, 2),
-                        train_img_s=round(batch * 1e3 / train_ms, 3),
-                        infer_img_s=round(batch * 1e3 / infer_ms, 3),
-                        train_ratio_to_dense=round(median_ratio(res["train_ms"], ref["train_ms"]), 4),
-                        infer_ratio_to_dense=round(median_ratio(res["infer_ms"], ref["infer_ms"]), 4),
-                        gmacs_kept_ratio_to_dense=round(res["gmacs_kept"] / ref["gmacs_kept"], 4),
-                        gmacs_executed_ratio_to_dense=round(res["gmacs_executed"] / ref_macs, 4),
-                        **rss[i],
-                        peak_rss_ratio_to_dense=(
-                            round(rss[i]["peak_rss_mb"] / dense_rss, 4) if memory and dense_rss else None
-                        ),
-                        rounds=rounds,
-                        inputs=f"{len(image_paths)} image files" if image_paths else "random normal",
-                        **{f"env_{k}": v for k, v in env.items()},
-                    )
-                    records.append(rec)
+                        rss.append(dict.fromkeys(_RSS_KEYS))
+                records += _records(configs, out, rss, spec, bench, load, image_paths)
+    return records
+
+
+_RSS_KEYS = ("base_rss_mb", "infer_peak_rss_mb", "peak_rss_mb", "peak_rss_delta_mb")
+
+
+def _records(
+    configs: list[dict],
+    out: dict,
+    rss: list[dict],
+    spec: dict,
+    bench: BenchDevice,
+    load: float,
+    image_paths: Sequence[str],
+) -> list[dict]:
+    """The records of one timing worker's results (medians, img/s, ratios to dense, memory, environment)."""
+    timed, batch = out["results"], spec["batch_size"]
+    env = {**out["environment"], "threads": spec["threads"], "load_avg_1m": load}
+    dense_at = {c["model"]: i for i, c in enumerate(configs) if c["select"] == "dense"}
+    records = []
+    for i, cfg in enumerate(configs):
+        res, ref = timed[i], timed[dense_at[cfg["dense_model"]]]
+        rec = dict(cfg)
+        if rec["keep_ratio"] is None:
+            rec["keep_ratio"] = res["kept_ratio_measured"]
+        dense_rss = rss[dense_at[cfg["dense_model"]]]["peak_rss_mb"]
+        rec.update(
+            size=spec["size"],
+            batch_size=batch,
+            **{k: v for k, v in res.items() if not k.endswith("_ms")},
+            gmacs=res["gmacs_executed"],
+            **pass_fields(res, ref, ("train", "infer"), batch),
+            gmacs_kept_ratio_to_dense=round(res["gmacs_kept"] / ref["gmacs_kept"], 4),
+            gmacs_executed_ratio_to_dense=round(res["gmacs_executed"] / ref["gmacs_executed"], 4),
+            **rss[i],
+            peak_rss_ratio_to_dense=(
+                round(rss[i]["peak_rss_mb"] / dense_rss, 4) if rss[i]["peak_rss_mb"] and dense_rss else None
+            ),
+            rounds=spec["rounds"],
+            **bench.fields(),
+            compiled=bool(spec.get("compile")),
+            inputs=f"{len(image_paths)} image files" if image_paths else "random normal",
+            **{f"env_{k}": v for k, v in env.items()},
+        )
+        records.append(rec)
     return records
 
 
 def format_backbone_table(records: list[dict]) -> str:
-    """Markdown table of ``bench_backbone`` records (time ratios: SPT time / dense time, lower is faster)."""
-    lines = [
-        "| model | size | batch | select | keep | layout | GMACs kept | GMACs exec | train img/s | infer img/s "
-        "| train t/dense | infer t/dense | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """Markdown table of ``bench_backbone`` records (time ratios: SPT time / dense time, lower is faster); a
+    backend column when several backends were timed, GPU peak memory (train step) on CUDA."""
+    backends = len({r.get("backend") for r in records if r["select"] != "dense"}) > 1
+    gpu = any(r.get("train_peak_mem_mb") is not None for r in records)
+    head = "| model | size | batch | select | keep | layout |" + (" backend |" if backends else "")
+    head += " GMACs kept | GMACs exec | train img/s | infer img/s | train t/dense | infer t/dense |"
+    head += " train peak GPU MB | infer peak GPU MB |" if gpu else " peak RSS MB |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
-        rss = "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
+        if gpu:
+            memory = f" {r.get('train_peak_mem_mb') or 0:.0f} | {r.get('infer_peak_mem_mb') or 0:.0f} |"
+        else:
+            memory = " " + ("" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}") + " |"
         lines.append(
             f"| {r['model']} | {r['size']} | {r['batch_size']} | {r['select']} | {r['keep_ratio']:.2f} "
-            f"| {r['layout']} | {r['gmacs_kept']:.3f} | {r['gmacs_executed']:.3f} | {r['train_img_s']:.2f} "
-            f"| {r['infer_img_s']:.2f} | {r['train_ratio_to_dense']:.3f} | {r['infer_ratio_to_dense']:.3f} | {rss} |"
+            f"| {r['layout']} |"
+            + (f" {r.get('backend') or 'timm'} |" if backends else "")
+            + f" {r['gmacs_kept']:.3f} | {r['gmacs_executed']:.3f} | {r['train_img_s']:.2f} "
+            f"| {r['infer_img_s']:.2f} | {r['train_ratio_to_dense']:.3f} | {r['infer_ratio_to_dense']:.3f} |"
+            + memory
         )
     return "\n".join(lines)

@@ -5,36 +5,55 @@ each per round, in a shuffled order; ``spa.bench.timing``), so that machine nois
 configuration's ``ms`` is the median over rounds; ``ratio_to_dense`` is the median over rounds of its time
 divided by the dense block's time in the same round. Keep ratios are forced with ``select='topk'`` (the gate's
 top tokens, the same count in every image).
+
+Device and precision (``spa.bench.timing.BenchDevice``): ``device='cuda'`` times with CUDA events after a
+synchronisation and records ``peak_mem_mb`` (``torch.cuda.max_memory_allocated`` during one call, every block
+of the run resident; ``peak_mem_delta_mb`` subtracts what was allocated before it); ``amp='bf16'`` runs every
+call under bf16 autocast (the input stays float32, as an SPT's stage input under autocast would be after a
+float32 norm). Several ``backend`` values are timed in the same rounds against the one dense block.
+``compile=True`` wraps every block, the dense one too, in ``spa.compile.compile_model`` (warm-up includes the
+compilation).
 """
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from spa.bench.timing import interleaved_rounds, median_ratio
+from spa.attention import BACKENDS
+from spa.bench.timing import BenchDevice, pass_fields
+from spa.errors import ConfigError
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
 
 __all__ = ["bench_block", "format_table"]
 
 
-def _step(block: nn.Module, x: torch.Tensor, backward: bool, spa: bool) -> Callable[[], None]:
+def _step(
+    block: nn.Module, x: torch.Tensor, backward: bool, spa: bool, bench: BenchDevice
+) -> Callable[[], None]:
     def run() -> None:
         if backward:
             block.zero_grad(set_to_none=True)
             xi = x.detach().requires_grad_(True)
-            out = block(xi)
+            with bench.autocast():
+                out = block(xi)
             out = out[0] if spa else out
             out.float().sum().backward()
         else:
-            with torch.inference_mode():
-                out = block(x)
+            with torch.inference_mode(), bench.autocast():
+                block(x)
 
     return run
+
+
+def _compiled(block: nn.Module) -> nn.Module:
+    from spa.compile import compile_model  # lazy: torch.compile is only paid for when asked
+
+    return compile_model(block)
 
 
 def bench_block(
@@ -46,66 +65,87 @@ def bench_block(
     shift: bool = False,
     keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2),
     layouts: tuple[str, ...] = LAYOUTS,
-    backend: str = "auto",
+    backend: str | Sequence[str] = "auto",
     passes: tuple[str, ...] = ("fwd", "fwd+bwd"),
     rounds: int = 7,
     warmup: int = 2,
     seed: int = 0,
+    device: str = "cpu",
+    amp: str = "off",
+    compile: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Time an SPA block (gate, pack, attention, FFN on kept tokens, unpack) against timm's Swin block.
 
+    ``backend`` is one attention backend or several (each gets every layout and keep ratio, in the same rounds).
+
     Returns one record per configuration with ``layout`` (``dense`` for timm), ``keep_ratio``, ``pass``,
     ``ms`` (median), ``ratio_to_dense``, ``padding_fraction``, ``containers``, ``kept_fraction`` (tokens
-    actually kept: ``select='topk'`` keeps ``ceil(keep_ratio * H * W)`` per image) and the attention
-    ``backend`` (SPA blocks).
+    actually kept: ``select='topk'`` keeps ``ceil(keep_ratio * H * W)`` per image), the attention
+    ``backend`` (SPA blocks), ``device``, ``amp``, ``compiled``, on CUDA ``peak_mem_mb``, and ``env_*``.
     """
     from timm.models.swin_transformer import SwinTransformerBlock
 
+    bench = BenchDevice.resolve(device, amp)
+    backends = (backend,) if isinstance(backend, str) else tuple(backend)
+    bad = [b for b in backends if b not in BACKENDS]
+    if not backends or bad:
+        raise ConfigError(f"backend(s) must be in {BACKENDS}, got {list(backends)}")
+    if any(p not in ("fwd", "fwd+bwd") for p in passes):
+        raise ConfigError(f"passes must be 'fwd' and/or 'fwd+bwd', got {list(passes)}")
     torch.manual_seed(seed)
+    dev = bench.device
     shift_size = window_size // 2 if shift else 0
     res = (resolution, resolution)
-    dense = SwinTransformerBlock(dim, res, num_heads, window_size=window_size, shift_size=shift_size)
-    x = torch.randn(batch_size, resolution, resolution, dim)
+    dense = SwinTransformerBlock(dim, res, num_heads, window_size=window_size, shift_size=shift_size).to(dev)
+    x = torch.randn(batch_size, resolution, resolution, dim).to(dev)
+    wrap = _compiled if compile else (lambda block: block)
     configs: list[dict] = []
     for pass_name in passes:
         backward = pass_name == "fwd+bwd"
-        dense.train(backward)
-        configs.append(
-            {"layout": "dense", "keep_ratio": 1.0, "pass": pass_name, "run": _step(dense, x, backward, False)}
-        )
-        for layout in layouts:
-            for ratio in keep_ratios:
-                block = SPABlock(
-                    dim, res, num_heads, window_size=window_size, shift_size=shift_size,
-                    select="topk", keep_ratio=ratio, layout=layout, backend=backend,
-                )  # fmt: skip
-                block.load_state_dict(dense.state_dict(), strict=False)
-                block.train(backward)
-                with torch.no_grad():
-                    block(x)
-                packed = block.last_packed
-                configs.append(
-                    {
-                        "layout": layout,
-                        "keep_ratio": ratio,
-                        "pass": pass_name,
-                        "padding_fraction": round(packed.padding_fraction, 4),
-                        "kept_fraction": round(packed.num_kept / (batch_size * resolution**2), 4),
-                        "containers": packed.num_containers,
-                        "backend": backend,
-                        "run": _step(block, x, backward, True),
-                    }
-                )
+        dense_pass = copy.deepcopy(dense).train(backward)  # same weights; a module per pass keeps its mode
+        run = _step(wrap(dense_pass), x, backward, False, bench)
+        configs.append({"layout": "dense", "keep_ratio": 1.0, "pass": pass_name, "run": run})
+        for name in backends:
+            for layout in layouts:
+                for ratio in keep_ratios:
+                    block = SPABlock(
+                        dim, res, num_heads, window_size=window_size, shift_size=shift_size,
+                        select="topk", keep_ratio=ratio, layout=layout, backend=name,
+                    )  # fmt: skip
+                    block.load_state_dict(dense.state_dict(), strict=False)
+                    block = block.to(dev).train(backward)
+                    with torch.no_grad(), bench.autocast():
+                        block(x)
+                    packed = block.last_packed
+                    configs.append(
+                        {
+                            "layout": layout,
+                            "keep_ratio": ratio,
+                            "pass": pass_name,
+                            "padding_fraction": round(packed.padding_fraction, 4),
+                            "kept_fraction": round(packed.num_kept / (batch_size * resolution**2), 4),
+                            "containers": packed.num_containers,
+                            "backend": name,
+                            "run": _step(wrap(block), x, backward, True, bench),
+                        }
+                    )
+    memory: dict[int, dict] = {}
+    if bench.is_cuda:  # one untimed call each (after compilation, if any: that is the warm-up's first call)
+        for i, cfg in enumerate(configs):
+            memory[i] = bench.peak_memory(cfg["run"])
     runs = {i: cfg["run"] for i, cfg in enumerate(configs)}
-    times = interleaved_rounds(runs, rounds, warmup=warmup, seed=seed, progress=progress)
+    times = bench.rounds(runs, rounds, warmup=warmup, seed=seed, progress=progress)
     dense_index = {cfg["pass"]: i for i, cfg in enumerate(configs) if cfg["layout"] == "dense"}
+    env = bench.environment()
     records = []
     for i, cfg in enumerate(configs):
         record = {k: v for k, v in cfg.items() if k != "run"}
+        timed = pass_fields({"x_ms": times[i]}, {"x_ms": times[dense_index[cfg["pass"]]]}, ("x",), digits=3)
         record.update(
-            ms=round(statistics.median(times[i]), 3),
-            ratio_to_dense=round(median_ratio(times[i], times[dense_index[cfg["pass"]]]), 4),
+            ms=timed["x_ms"],
+            ratio_to_dense=timed["x_ratio_to_dense"],
+            **memory.get(i, {}),
             batch_size=batch_size,
             resolution=resolution,
             dim=dim,
@@ -113,21 +153,34 @@ def bench_block(
             window_size=window_size,
             shift=shift,
             rounds=rounds,
+            **bench.fields(),
+            compiled=compile,
+            **{f"env_{k}": v for k, v in env.items()},
         )
         records.append(record)
     return records
 
 
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3f}"
+
+
 def format_table(records: list[dict]) -> str:
-    """Markdown table of ``bench_block`` records."""
-    lines = [
-        "| pass | layout | keep ratio | kept | ms (median) | ratio to dense | padding | containers |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """Markdown table of ``bench_block`` records (a backend column when several backends were timed, a peak
+    memory column on CUDA)."""
+    backends = len({r.get("backend") for r in records if r["layout"] != "dense"}) > 1
+    memory = any(r.get("peak_mem_mb") is not None for r in records)
+    head = "| pass |" + (" backend |" if backends else "") + " layout | keep ratio | kept | ms (median) "
+    head += "| ratio to dense | padding | containers |" + (" peak MB |" if memory else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
-        lines.append(
-            f"| {r['pass']} | {r['layout']} | {r['keep_ratio']:.2f} | {r.get('kept_fraction', 1.0):.3f} "
-            f"| {r['ms']:.1f} | {r['ratio_to_dense']:.3f} | {r.get('padding_fraction', 0.0):.3f} "
+        line = f"| {r['pass']} |" + (f" {r.get('backend', 'timm')} |" if backends else "")
+        line += (
+            f" {r['layout']} | {r['keep_ratio']:.2f} | {r.get('kept_fraction', 1.0):.3f} "
+            f"| {_ms(r['ms'])} | {r['ratio_to_dense']:.3f} | {r.get('padding_fraction', 0.0):.3f} "
             f"| {r.get('containers', '')} |"
         )
+        if memory:
+            line += f" {r.get('peak_mem_mb') or 0:.0f} |"
+        lines.append(line)
     return "\n".join(lines)

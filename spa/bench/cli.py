@@ -12,7 +12,7 @@ from spa.attention import BACKENDS
 from spa.bench.backbone import SPT_KEEP_RATIOS, bench_backbone, format_backbone_table
 from spa.bench.block import bench_block, format_table
 from spa.bench.detector import DETECTOR_KEEP_RATIOS, DetectorHeads, bench_detector, format_detector_table
-from spa.bench.timing import environment
+from spa.bench.timing import AMP_MODES, DEVICES, BenchDevice
 from spa.errors import ConfigError
 from spa.packing import LAYOUTS
 
@@ -44,11 +44,15 @@ def _run_block(args: argparse.Namespace) -> int:
         layouts=tuple(args.layouts.split(",")),
         backend=args.backend,
         rounds=args.rounds,
+        device=args.device,
+        amp=args.amp,
+        compile=args.compile,
         progress=lambda msg: print(f"[bench block] {msg}", flush=True),
     )
     print(format_table(records))
     if args.json:
-        _write_json(args.json, {"environment": environment(), "records": records})
+        env = BenchDevice.resolve(args.device, args.amp).environment()
+        _write_json(args.json, {"environment": env, "records": records})
     return 0
 
 
@@ -66,6 +70,10 @@ def _run_backbone(args: argparse.Namespace) -> int:
         warmup=1,
         threads=args.threads,
         memory=not args.no_memory,
+        device=args.device,
+        amp=args.amp,
+        backend=args.backend,
+        compile=args.compile,
         progress=lambda msg: print(f"[bench backbone] {msg}", flush=True),
     )
     print(format_backbone_table(records))
@@ -105,12 +113,38 @@ def _run_detector(args: argparse.Namespace) -> int:
         warmup=args.warmup if args.warmup is not None else 1,
         threads=args.threads,
         device=args.device,
+        amp=args.amp,
+        backend=args.backend,
         progress=lambda msg: print(f"[bench detector] {msg}", flush=True),
     )
     print(format_detector_table(records))
     if args.json:
         _write_json(args.json, records)
     return 0
+
+
+def _device_flags(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--amp``: the same two flags on every benchmark."""
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=DEVICES,
+        help="where to run: cpu, or cuda (timed with CUDA events; records GPU peak memory) (default cpu)",
+    )
+    parser.add_argument(
+        "--amp",
+        default="off",
+        choices=AMP_MODES,
+        help="off (float32), or bf16 (every timed call under bfloat16 autocast) (default off)",
+    )
+
+
+def _compile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every timed model, the dense baseline too (spa.compile.compile_model; slow warm-up)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -138,6 +172,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     block.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
     block.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    _device_flags(block)
+    _compile_flag(block)
     block.set_defaults(func=_run_block)
 
     bb = kinds.add_parser(
@@ -160,7 +196,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 2)"
     )
     bb.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    bb.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-RSS processes")
+    bb.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="attention backend of the SPT's SPA blocks (default auto)",
+    )
+    _device_flags(bb)
+    _compile_flag(bb)
+    bb.add_argument(
+        "--no-memory", action="store_true", help="skip the per-configuration peak-RSS processes (CPU only)"
+    )
     bb.add_argument("--quick", action="store_true", help="fewer rounds, small sizes (for tests)")
     bb.add_argument("--json", help="write the list of records to this JSON file")
     bb.set_defaults(func=_run_backbone)
@@ -188,7 +234,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     dt.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration (default 1)")
     dt.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    dt.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
+    dt.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="attention backend of the SPT's SPA blocks (default auto)",
+    )
+    _device_flags(dt)
     dt.add_argument(
         "--quick", action="store_true", help="spt_nano, 128 px, batch 1, tiny heads, 3 rounds (for tests)"
     )

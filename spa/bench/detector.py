@@ -39,23 +39,27 @@ Method:
 - Memory (``device='cuda'`` only): ``train_peak_mem_mb`` / ``infer_peak_mem_mb`` =
   ``torch.cuda.max_memory_allocated`` during one step (every detector of the worker is resident, so that is
   included; ``*_peak_mem_delta_mb`` subtracts what was allocated before the step).
+- Device and precision: ``spa.bench.timing.BenchDevice``, as ``bench block`` and ``bench backbone`` (CUDA
+  events after a synchronisation; ``amp='bf16'``: every step, the backbone-share steps too, under bf16
+  autocast); ``backend`` sets the SPT's attention backend. Records carry ``device``, ``amp``, ``backend`` and
+  ``env_*`` (GPU name, versions).
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from spa.attention import BACKENDS
 from spa.bench.backbone import _backbone_configs, _configure, _run_worker
-from spa.bench.timing import device_sync, environment, interleaved_rounds, median_ratio
+from spa.bench.timing import BenchDevice, median_ratio, pass_fields
 from spa.errors import ConfigError
 
 __all__ = [
@@ -118,6 +122,8 @@ def _build(cfg: dict, spec: dict) -> nn.Module:
     options: dict = {"drop_path_rate": 0.0}
     if cfg["select"] == "topk":
         options.update(select="topk", keep_ratio=cfg["keep_ratio"])
+    if cfg["select"] != "dense" and cfg.get("backend"):
+        options["backend"] = cfg["backend"]
     size = spec["size"]
     config = DetectorConfig(
         model=cfg["model"], detector=spec["detector"], num_classes=heads.num_classes, img_size=size,
@@ -191,44 +197,33 @@ def _counting_positives(roi_heads: nn.Module) -> Iterator[list[int]]:
         del roi_heads.select_training_samples  # back to the class's method
 
 
-def _train_step(model: nn.Module, images: list, targets: list) -> None:
+def _train_step(model: nn.Module, images: list, targets: list, bench: BenchDevice | None = None) -> None:
     model.train()
     model.zero_grad(set_to_none=True)
-    losses = model(images, targets)
+    with bench.autocast() if bench else nullcontext():
+        losses = model(images, targets)
     sum(losses.values()).backward()
 
 
-def _infer_step(model: nn.Module, images: list) -> list:
+def _infer_step(model: nn.Module, images: list, bench: BenchDevice | None = None) -> list:
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), bench.autocast() if bench else nullcontext():
         return model(images)
 
 
-def _backbone_train(model: nn.Module, x: torch.Tensor) -> None:
+def _backbone_train(model: nn.Module, x: torch.Tensor, bench: BenchDevice | None = None) -> None:
     backbone = model.backbone
     backbone.train()
     backbone.zero_grad(set_to_none=True)
-    sum(o.float().sum() for o in backbone(x).values()).backward()
+    with bench.autocast() if bench else nullcontext():
+        outs = backbone(x)
+    sum(o.float().sum() for o in outs.values()).backward()
 
 
-def _backbone_infer(model: nn.Module, x: torch.Tensor) -> None:
+def _backbone_infer(model: nn.Module, x: torch.Tensor, bench: BenchDevice | None = None) -> None:
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), bench.autocast() if bench else nullcontext():
         model.backbone(x)
-
-
-def _peak_mb(step: Callable[[], object], device: torch.device) -> dict:
-    """One call of ``step``; on CUDA its peak allocated memory (MiB) and the part above what was there."""
-    if device.type != "cuda":
-        step()
-        return {}
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return {"peak_mem_mb": round(peak / 2**20, 1), "peak_mem_delta_mb": round((peak - base) / 2**20, 1)}
 
 
 def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
@@ -236,7 +231,8 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
     from spa.flops import count_macs
 
     size, batch, seed = spec["size"], spec["batch_size"], spec.get("seed", 0)
-    device = torch.device(spec.get("device", "cpu"))
+    bench = BenchDevice.resolve(spec.get("device", "cpu"), spec.get("amp", "off"))
+    device = bench.device
     heads = DetectorHeads(**spec["heads"])
     images, targets = synthetic_batch(size, batch, spec["detector"], heads, seed)
     images = [im.to(device) for im in images]
@@ -261,9 +257,9 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
         selections = getattr(body, "last_selections", []) if cfg["select"] != "dense" else []
         kept = float(torch.stack([s.keep_ratio.mean() for s in selections]).mean()) if selections else 1.0
         with _counting_positives(model.detector.roi_heads) as positives:
-            train_mem = _peak_mb(lambda m=model: _train_step(m, images, targets), device)
+            train_mem = bench.peak_memory(lambda m=model: _train_step(m, images, targets, bench))
         detections: list = []
-        infer_mem = _peak_mb(lambda m=model, d=detections: d.extend(_infer_step(m, images)), device)
+        infer_mem = bench.peak_memory(lambda m=model, d=detections: d.extend(_infer_step(m, images, bench)))
         res = {
             "gmacs_kept": round(macs.kept, 4),
             "gmacs_executed": round(macs.executed, 4),
@@ -279,19 +275,17 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
         def run(
             step: Callable, *args: object, model: nn.Module = model, cfg: dict = cfg
         ) -> Callable[[], None]:
-            return lambda: (_configure(model, cfg), step(model, *args))
+            return lambda: (_configure(model, cfg), step(model, *args, bench))
 
         runs[(i, "train_ms")] = run(_train_step, images, targets)
         runs[(i, "infer_ms")] = run(_infer_step, images)
         if cfg["select"] == "dense":
             runs[(i, "backbone_train_ms")] = run(_backbone_train, padded)
             runs[(i, "backbone_infer_ms")] = run(_backbone_infer, padded)
-    sync = device_sync(device)
-    times = interleaved_rounds(runs, spec["rounds"], spec["warmup"], seed, say, sync=sync)
+    times = bench.rounds(runs, spec["rounds"], spec["warmup"], seed, say)
     for (i, key), ms in times.items():
         results[i][key] = ms
-    env = environment(device)
-    return {"results": results, "environment": env}
+    return {"results": results, "environment": bench.environment()}
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -323,6 +317,8 @@ def bench_detector(
     warmup: int = 1,
     threads: int = 2,
     device: str = "cpu",
+    amp: str = "off",
+    backend: str = "auto",
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -330,7 +326,7 @@ def bench_detector(
 
     Returns one record per (model, size, batch size, select, keep ratio): train-step and inference times,
     their ratios to the dense baseline, the dense backbone's share of the detector's time, backbone GMACs,
-    kept ratio, RoI / detection counts, the heads and the environment (``env_*``).
+    kept ratio, RoI / detection counts, the heads, the device and AMP mode and the environment (``env_*``).
     """
     from spa.tasks.detection import DETECTORS
 
@@ -349,12 +345,11 @@ def bench_detector(
         raise ConfigError(f"need sizes >= 64 and batch sizes >= 1, got {list(sizes)} and {list(batch_sizes)}")
     if rounds < 1 or warmup < 0 or threads < 1:
         raise ConfigError(f"need rounds >= 1, warmup >= 0, threads >= 1; got {rounds}, {warmup}, {threads}")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    bench = BenchDevice.resolve(device, amp)
     checkpoint_model = _checkpoint_model(checkpoint) if checkpoint is not None else None
-    configs = _backbone_configs(models, keep_ratios, ["containers"], checkpoint, checkpoint_model)
+    configs = _backbone_configs(models, keep_ratios, ["containers"], checkpoint, checkpoint_model, [backend])
     load = round(os.getloadavg()[0], 2)  # other work on the machine makes timings noisy
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="spa-bench-detector-") as tmp:
@@ -365,15 +360,15 @@ def bench_detector(
                 )
                 spec = {
                     "mode": "detector", "size": size, "batch_size": batch, "threads": threads, "seed": seed,
-                    "device": device, "detector": detector, "heads": asdict(heads), "configs": configs,
-                    "rounds": rounds, "warmup": warmup,
+                    "device": str(bench.device), "amp": bench.amp, "detector": detector, "heads": asdict(heads),
+                    "configs": configs, "rounds": rounds, "warmup": warmup,
                 }  # fmt: skip
                 out = _run_worker(spec, Path(tmp), f"detector-{size}-{batch}")
-                records += _records(configs, out, spec, load)
+                records += _records(configs, out, spec, bench, load)
     return records
 
 
-def _records(configs: list[dict], out: dict, spec: dict, load: float) -> list[dict]:
+def _records(configs: list[dict], out: dict, spec: dict, bench: BenchDevice, load: float) -> list[dict]:
     """The records of one worker's results (medians, ratios to dense, backbone shares)."""
     timed, batch = out["results"], spec["batch_size"]
     env = {**out["environment"], "load_avg_1m": load}
@@ -381,29 +376,24 @@ def _records(configs: list[dict], out: dict, spec: dict, load: float) -> list[di
     records = []
     for i, cfg in enumerate(configs):
         res, ref = timed[i], timed[dense_at[cfg["dense_model"]]]
-        train_ms, infer_ms = statistics.median(res["train_ms"]), statistics.median(res["infer_ms"])
         rec = dict(cfg)
         if rec["keep_ratio"] is None:
             rec["keep_ratio"] = res["kept_ratio_measured"]
+        backbone = pass_fields(ref, ref, ("backbone_train", "backbone_infer"))  # the dense baseline's
         rec.update(
             detector=spec["detector"],
             size=spec["size"],
             batch_size=batch,
-            train_ms=round(train_ms, 2),
-            infer_ms=round(infer_ms, 2),
-            train_img_s=round(batch * 1e3 / train_ms, 3),
-            infer_img_s=round(batch * 1e3 / infer_ms, 3),
-            train_ratio_to_dense=round(median_ratio(res["train_ms"], ref["train_ms"]), 4),
-            infer_ratio_to_dense=round(median_ratio(res["infer_ms"], ref["infer_ms"]), 4),
-            backbone_train_ms=round(statistics.median(ref["backbone_train_ms"]), 2),
-            backbone_infer_ms=round(statistics.median(ref["backbone_infer_ms"]), 2),
+            **pass_fields(res, ref, ("train", "infer"), batch),
+            backbone_train_ms=backbone["backbone_train_ms"],
+            backbone_infer_ms=backbone["backbone_infer_ms"],
             backbone_share_train=round(median_ratio(ref["backbone_train_ms"], ref["train_ms"]), 4),
             backbone_share_infer=round(median_ratio(ref["backbone_infer_ms"], ref["infer_ms"]), 4),
             **{k: v for k, v in res.items() if not k.endswith("_ms")},
             gmacs_executed_ratio_to_dense=round(res["gmacs_executed"] / ref["gmacs_executed"], 4),
             rounds=spec["rounds"],
             warmup=spec["warmup"],
-            device=spec["device"],
+            **bench.fields(),
             inputs="synthetic (seeded random images and boxes)",
             **spec["heads"],
             **{f"env_{k}": v for k, v in env.items()},

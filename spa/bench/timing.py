@@ -1,25 +1,50 @@
-"""The one timer of the benchmarks: interleaved, shuffled rounds.
+"""The one timing path of the benchmarks: device, AMP, interleaved shuffled rounds, peak memory, records.
 
 Method: every configuration is first called ``warmup`` times; then each of ``rounds`` rounds calls every
 configuration once, in an order shuffled by ``random.Random(seed)``, so that machine noise (other work, clock
 changes, cache state) hits all configurations alike. A configuration's time is the median over rounds; a time
 ratio is the median over rounds of (its time / the reference's time in the same round).
+
+Devices (:class:`BenchDevice`): on CPU a call is timed with ``time.perf_counter``; on CUDA with CUDA events
+recorded around the call on the current stream, after a ``torch.cuda.synchronize`` (so that every call starts
+on an idle device) and read after the end event has completed (the time the GPU spent from the first to the
+last kernel of the call, launch gaps included). ``amp='bf16'`` runs every timed call under
+``torch.autocast(device, dtype=torch.bfloat16)``. Peak memory (CUDA): ``torch.cuda.max_memory_allocated``
+during one call. Records carry the device, the AMP mode and ``env_*`` (torch / CUDA / cuDNN / torchvision /
+timm / spa versions, the GPU's name and capability) from :func:`environment`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import random
 import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-__all__ = ["device_sync", "environment", "interleaved_rounds", "median_ratio"]
+from spa.errors import ConfigError
+
+__all__ = [
+    "AMP_MODES",
+    "DEVICES",
+    "BenchDevice",
+    "device_sync",
+    "environment",
+    "interleaved_rounds",
+    "median_ratio",
+    "pass_fields",
+    "peak_memory",
+]
 
 K = TypeVar("K", bound=Hashable)
+
+DEVICES = ("cpu", "cuda")
+AMP_MODES = ("off", "bf16")
 
 
 def interleaved_rounds(
@@ -30,6 +55,7 @@ def interleaved_rounds(
     progress: Callable[[str], None] | None = None,
     sync: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    timer: Callable[[Callable[[], None]], float] | None = None,
 ) -> dict[K, list[float]]:
     """Time every configuration of ``runs`` in interleaved, shuffled rounds.
 
@@ -42,12 +68,25 @@ def interleaved_rounds(
             each round.
         sync: called before each clock reading (e.g. to wait for an accelerator's queued work).
         clock: seconds (``time.perf_counter`` unless a test injects another).
+        timer: times one call and returns its milliseconds (``BenchDevice.timer``: CUDA events); when given,
+            ``sync`` and ``clock`` are not used.
 
     Returns:
         configuration key -> milliseconds of each round, in round order.
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    if timer is None:
+
+        def timer(run: Callable[[], None]) -> float:
+            if sync:
+                sync()
+            start = clock()
+            run()
+            if sync:
+                sync()
+            return (clock() - start) * 1e3
+
     keys = list(runs)
     for i, key in enumerate(keys):
         for _ in range(warmup):
@@ -60,13 +99,7 @@ def interleaved_rounds(
         order = list(keys)
         rng.shuffle(order)
         for key in order:
-            if sync:
-                sync()
-            start = clock()
-            runs[key]()
-            if sync:
-                sync()
-            times[key].append((clock() - start) * 1e3)
+            times[key].append(timer(runs[key]))
         if progress:
             progress(f"round {r + 1}/{rounds}")
     return times
@@ -79,6 +112,28 @@ def median_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
     return statistics.median(t / d for t, d in zip(times, reference))
 
 
+def pass_fields(
+    times: Mapping[str, Sequence[float]],
+    reference: Mapping[str, Sequence[float]],
+    passes: Sequence[str] = ("train", "infer"),
+    batch_size: int | None = None,
+    digits: int = 2,
+) -> dict[str, float]:
+    """The timing part of a record, for every pass ``p`` of ``passes`` (``times[f"{p}_ms"]``: the per-round
+    milliseconds of this configuration, ``reference[f"{p}_ms"]``: its dense baseline's in the same rounds):
+    ``{p}_ms`` (median), ``{p}_img_s`` (``batch_size`` / median; with a batch size only) and
+    ``{p}_ratio_to_dense`` (``median_ratio``: a TIME ratio, below 1 = faster than dense)."""
+    out: dict[str, float] = {}
+    for p in passes:
+        ms = statistics.median(times[f"{p}_ms"])
+        out[f"{p}_ms"] = round(ms, digits)
+        if batch_size is not None:
+            out[f"{p}_img_s"] = round(batch_size * 1e3 / ms, 3)
+    for p in passes:
+        out[f"{p}_ratio_to_dense"] = round(median_ratio(times[f"{p}_ms"], reference[f"{p}_ms"]), 4)
+    return out
+
+
 def device_sync(device: str | torch.device = "cpu") -> Callable[[], None] | None:
     """The ``sync`` of :func:`interleaved_rounds` for ``device``: waits for CUDA's queued work; None on CPU."""
     device = torch.device(device)
@@ -87,15 +142,134 @@ def device_sync(device: str | torch.device = "cpu") -> Callable[[], None] | None
     return None
 
 
+def peak_memory(step: Callable[[], object], device: str | torch.device = "cpu") -> dict[str, float]:
+    """One call of ``step``; on CUDA its peak allocated memory (``peak_mem_mb``, MiB) and the part above what
+    was allocated before it (``peak_mem_delta_mb``); ``{}`` elsewhere (``step`` still runs once)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        step()
+        return {}
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_mem_mb": round(peak / 2**20, 1), "peak_mem_delta_mb": round((peak - base) / 2**20, 1)}
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # a missing or broken package is reported as None
+        return None
+
+
 def environment(device: str | torch.device = "cpu") -> dict:
-    """The machine a benchmark ran on (``device_name``: the GPU's name on CUDA, else the processor)."""
+    """The machine and software a benchmark ran on (``device_name``: the GPU's name on CUDA, else the
+    processor; on CUDA also its capability and memory, and the CUDA / cuDNN versions torch was built with)."""
     device = torch.device(device)
     processor = platform.processor() or platform.machine()
-    return {
+    env = {
         "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "timm": _version("timm"),
+        "spa": _version("spa"),
         "threads": torch.get_num_threads(),
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else processor,
+        "device_name": processor,
         "processor": processor,
         "python": platform.python_version(),
     }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=torch.cuda.get_device_name(device),
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        )
+    return env
+
+
+@dataclass(frozen=True)
+class BenchDevice:
+    """Where and in which precision a benchmark runs; build it with :meth:`resolve` (checks both)."""
+
+    device: torch.device
+    amp: str = "off"
+
+    @classmethod
+    def resolve(cls, device: str | torch.device = "cpu", amp: str = "off") -> BenchDevice:
+        """``device`` in ``DEVICES`` (``cuda``: the current CUDA device), ``amp`` in ``AMP_MODES``; a
+        ``ConfigError`` (one line on the command line) for anything else or for CUDA without a GPU."""
+        name = str(device)
+        kind = name.split(":")[0]
+        if kind not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {name!r}")
+        if amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    "--device cuda: CUDA is not available on this machine (torch.cuda.is_available())"
+                )
+            dev = torch.device(name if ":" in name else f"cuda:{torch.cuda.current_device()}")
+        else:
+            dev = torch.device("cpu")
+        return cls(dev, amp)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` in bf16 when ``amp == 'bf16'``; a no-op context otherwise."""
+        if self.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (CUDA); nothing on CPU."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def timer(self, run: Callable[[], None]) -> float:
+        """Milliseconds of one call of ``run``: CUDA events on CUDA (after a sync), ``perf_counter`` on CPU."""
+        if not self.is_cuda:
+            start = time.perf_counter()
+            run()
+            return (time.perf_counter() - start) * 1e3
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    def rounds(
+        self,
+        runs: Mapping[K, Callable[[], None]],
+        rounds: int,
+        warmup: int = 1,
+        seed: int = 0,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[K, list[float]]:
+        """:func:`interleaved_rounds` with this device's timer (and a sync after the warm-up)."""
+        times = interleaved_rounds(runs, rounds, warmup, seed, progress, timer=self.timer)
+        self.sync()
+        return times
+
+    def peak_memory(self, step: Callable[[], object]) -> dict[str, float]:
+        """:func:`peak_memory` on this device."""
+        return peak_memory(step, self.device)
+
+    def environment(self) -> dict:
+        """:func:`environment` of this device."""
+        return environment(self.device)
+
+    def fields(self) -> dict[str, str]:
+        """What every record says about where it ran: ``device`` (``cpu`` / ``cuda``) and ``amp``."""
+        return {"device": self.device.type, "amp": self.amp}
