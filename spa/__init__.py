@@ -1,6 +1,7 @@
 """spa: Select and Pack Attention (SPA) and the SPT backbone for vision transformers."""
 
 from spa.attention import PackedAttention, packed_attention
+from spa.compile import compile_model
 from spa.gate import TokenGate
 from spa.labels import batch_selection_labels, selection_labels
 from spa.losses import selection_loss, selection_loss_from_targets
@@ -22,6 +23,7 @@ __all__ = [
     "Selection",
     "TokenGate",
     "batch_selection_labels",
+    "compile_model",
     "create_model",
     "list_models",
     "load_swin_weights",

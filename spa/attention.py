@@ -12,9 +12,14 @@ Backends:
                    SDPA falls back to its math kernel, which adds a scale pass on ``q``/``k``, a safe-softmax
                    check and a masked-fill backward (``spa bench block`` measures the block).
     ``sdpa``       one ``F.scaled_dot_product_attention`` call over all containers with a mask.
-    ``varlen``     FlexAttention on CUDA with the same mask and bias. Called eagerly, PyTorch runs its unfused
-                   implementation (the full score matrix); the block-sparse kernel needs the caller to
-                   ``torch.compile`` the model (kept out of this library's tests: no GPU in CI).
+    ``varlen``     FlexAttention on CUDA with the same mask and bias, through ``torch.compile`` (its fused
+                   kernel; ``dynamic=True``, so varying container counts do not recompile). Its ``mask_mod`` and
+                   ``score_mod`` read small per-slot tensors (segment = image and chunk, shifted-window region,
+                   rolled-frame coordinates -> relative position bias table) when the hooks are
+                   ``RegionMask`` / ``RelativePositionBias`` (what ``SPABlock`` passes for this backend); other
+                   hooks are evaluated densely and read. The block mask is built once per packing plan (kept on
+                   the ``Packed``), shared by all heads. No GPU in CI: tests run it eagerly on CPU (forward only,
+                   FlexAttention has no CPU backward).
     ``reference``  explicit loops over images and chunks, written from the spec, for tests.
 """
 
@@ -36,9 +41,12 @@ __all__ = [
     "PackedAttention",
     "PairBias",
     "PairMask",
+    "RegionMask",
+    "RelativePositionBias",
     "TableBias",
     "allowed_pairs",
     "packed_attention",
+    "relative_entry",
 ]
 
 BACKENDS = ("auto", "math", "sdpa", "varlen", "reference")
@@ -332,7 +340,10 @@ _EYES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _eye(size: int, device: torch.device) -> torch.Tensor:
-    """Bool identity ``[size, size]`` on ``device`` (cached: a few sizes per model, never written to)."""
+    """Bool identity ``[size, size]`` on ``device`` (cached: a few sizes per model, never written to; made in the
+    graph while tracing, where a guard on the cache would recompile once it fills)."""
+    if torch.compiler.is_compiling():
+        return torch.eye(size, dtype=torch.bool, device=device)
     key = (size, device)
     eye = _EYES.get(key)
     if eye is None:
@@ -391,24 +402,187 @@ def _varlen(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, sca
     return _flex(q, k, v, packed, pair_bias, pair_mask, scale)
 
 
-def _flex(q, k, v, packed: Packed, pair_bias, pair_mask, scale: float | None):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+@dataclass(frozen=True, eq=False)
+class RelativePositionBias:
+    """Swin's relative position bias as a ``PairBias`` described per token (what ``varlen`` reads).
 
-    allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))
-    K, _, S, _ = q.shape
+    The bias of query ``i`` and key ``j`` (visiting positions ``p_i``, ``p_j``) is ``table[e, h]`` with ``e``
+    the entry of their rolled-frame offset ``coords[p_i] - coords[p_j]``, clipped to ``[-(M-1), M-1]``
+    (``relative_entry``). Called as a hook it returns the ``TableBias`` of the slots (read off ``pairs`` when
+    given: the same entries precomputed for every pair of positions); FlexAttention instead looks the
+    entry up per score from the slots' ``[K, S]`` coordinates (no ``[K, S, S]`` tensor).
+
+    Attributes:
+        table: ``[entries, heads]`` bias table (timm's ``relative_position_bias_table`` layout).
+        coords: ``[N, 2]`` long rolled-frame ``(row, col)`` of every visiting position.
+        window: ``(h, w)`` of the table (``entries = (2h - 1) * (2w - 1)``).
+        pairs: optional ``[N, N]`` long entry of every pair of visiting positions.
+    """
+
+    table: torch.Tensor
+    coords: torch.Tensor
+    window: tuple[int, int]
+    pairs: torch.Tensor | None = None
+
+    def __call__(self, position: torch.Tensor) -> TableBias:
+        p = position.clamp(min=0)
+        if self.pairs is not None:
+            return _LookupBias(self.table.t(), self.pairs[p[:, :, None], p[:, None, :]])
+        c = self.coords[p]
+        rows, cols = c[..., 0], c[..., 1]
+        index = relative_entry(
+            rows[:, :, None] - rows[:, None, :], cols[:, :, None] - cols[:, None, :], self.window
+        )
+        return TableBias(self.table.t(), index)
+
+
+def relative_entry(dh: torch.Tensor, dw: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Entry of Swin's relative position bias table for row / column offsets ``dh``, ``dw`` (clipped to the
+    window's range), as ``spa.models.spa_block.PackedWindowAttention.relative_position_bias`` computes it."""
+    wh, ww = window
+    dh = dh.clamp(-(wh - 1), wh - 1)
+    dw = dw.clamp(-(ww - 1), ww - 1)
+    return dh * (2 * ww - 1) + dw + ((wh - 1) * (2 * ww - 1) + ww - 1)
+
+
+@dataclass(frozen=True, eq=False)
+class RegionMask:
+    """Swin's shifted-window region mask as a ``PairMask`` described per token (what ``varlen`` reads): query
+    ``i`` may see key ``j`` iff ``region[p_i] == region[p_j]``.
+
+    Attributes:
+        region: ``[N]`` long region label of every visiting position.
+        pairs: optional ``[N, N]`` bool, the same test precomputed for every pair of positions.
+    """
+
+    region: torch.Tensor
+    pairs: torch.Tensor | None = None
+
+    def __call__(self, position: torch.Tensor) -> torch.Tensor:
+        p = position.clamp(min=0)
+        if self.pairs is not None:
+            return self.pairs[p[:, :, None], p[:, None, :]]
+        region = self.region[p]
+        return region[:, :, None] == region[:, None, :]
+
+
+def _plan_cache(packed: Packed) -> dict | None:
+    """A per-plan cache kept on the ``Packed`` object itself (None while tracing: no side effects there)."""
+    if torch.compiler.is_compiling():
+        return None
+    return packed.__dict__.setdefault("_flex_cache", {})
+
+
+def _cached(cache: dict | None, key: tuple, tensors: tuple, build: Callable[[], object]) -> object:
+    """``build()``, kept in ``cache`` under ``key`` as long as ``tensors`` are the very tensors it read."""
+    if cache is None:
+        return build()
+    hit = cache.get(key)
+    if hit is not None and len(hit[0]) == len(tensors) and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[1]
+    value = build()
+    cache[key] = (tensors, value)
+    return value
+
+
+def _flex_mask_mod(packed: Packed, pair_mask: PairMask | None) -> Callable:
+    """FlexAttention ``mask_mod`` equal to ``allowed_pairs(packed.segment, pair_mask(packed.position))``.
+
+    It reads per-slot ``[K, S]`` tensors only: the segment (image and chunk; ``-1`` for padding, whose rows see
+    themselves) and, for a ``RegionMask``, the region of each slot. Any other ``pair_mask`` is evaluated into its
+    dense ``[K, S, S]`` allowed pairs, which the ``mask_mod`` then reads.
+    """
+    segment = packed.segment
+    if pair_mask is not None and not isinstance(pair_mask, RegionMask):
+        allowed = allowed_pairs(segment, pair_mask(packed.position))
+
+        def dense_mask_mod(b, h, q_idx, kv_idx):
+            return allowed[b, q_idx, kv_idx]
+
+        return dense_mask_mod
+    region = None if pair_mask is None else pair_mask.region[packed.position.clamp(min=0)]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return allowed[b, q_idx, kv_idx]
+        seg_q = segment[b, q_idx]
+        same = seg_q == segment[b, kv_idx]
+        if region is not None:
+            same = same & (region[b, q_idx] == region[b, kv_idx])
+        return torch.where(seg_q >= 0, same, q_idx == kv_idx)
 
-    block_mask = create_block_mask(mask_mod, K, None, S, S, device=q.device)
-    score_mod = None
-    bias = _dense_bias(pair_bias, packed.position)
-    if bias is not None:
+    return mask_mod
 
-        def score_mod(score, b, h, q_idx, kv_idx):
+
+def _flex_score_mod(packed: Packed, pair_bias: PairBias | None, cache: dict | None) -> Callable | None:
+    """FlexAttention ``score_mod`` adding ``pair_bias``: for a ``RelativePositionBias`` a table lookup from the
+    slots' ``[K, S]`` rolled-frame coordinates; any other hook's bias is evaluated densely (``[K, heads, S, S]``)
+    and read."""
+    if pair_bias is None:
+        return None
+    if not isinstance(pair_bias, RelativePositionBias):
+        bias = _dense_bias(pair_bias, packed.position)
+        if bias is None:
+            return None
+
+        def dense_score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[b, h, q_idx, kv_idx]
 
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        return dense_score_mod
+    coords = pair_bias.coords
+    rows, cols = _cached(
+        cache, ("coords",), (coords,), lambda: coords[packed.position.clamp(min=0)].unbind(-1)
+    )
+    table, window = pair_bias.table, pair_bias.window
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        entry = relative_entry(rows[b, q_idx] - rows[b, kv_idx], cols[b, q_idx] - cols[b, kv_idx], window)
+        return score + table[entry, h]
+
+    return score_mod
+
+
+def _flex_block_mask(packed: Packed, pair_mask: PairMask | None, cache: dict | None):
+    """The ``BlockMask`` of ``packed`` (and a ``RegionMask``), shared by all heads; built once per plan."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def build():
+        K, S = packed.image.shape
+        return create_block_mask(
+            _flex_mask_mod(packed, pair_mask), K, None, S, S, device=packed.segment.device
+        )
+
+    if pair_mask is None or isinstance(pair_mask, RegionMask):
+        tensors = (packed.segment,) if pair_mask is None else (packed.segment, pair_mask.region)
+        return _cached(cache, ("block_mask",), tensors, build)
+    return build()  # an arbitrary hook: built per call
+
+
+_COMPILED_FLEX: list[Callable] = []
+
+
+def _flex_attention_fn(compiled: bool) -> Callable:
+    """``flex_attention``, wrapped in ``torch.compile`` (once per process) when ``compiled``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled or torch.compiler.is_compiling():  # inside a compiled region Dynamo captures it itself
+        return flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=True))
+    return _COMPILED_FLEX[0]
+
+
+def _flex(q, k, v, packed: Packed, pair_bias, pair_mask, scale: float | None, compiled: bool | None = None):
+    """FlexAttention over the containers of ``packed`` (the ``varlen`` backend without its device checks).
+
+    The ``mask_mod`` and ``score_mod`` read small per-slot tensors (segment, region, coordinates: see
+    ``RelativePositionBias`` and ``RegionMask``); the block mask and the slots' coordinates are built once per
+    plan and kept on it. ``compiled`` (default: on CUDA) runs ``flex_attention`` through ``torch.compile`` (its
+    fused kernel); eager FlexAttention computes the full score matrix, and has no backward on CPU.
+    """
+    cache = _plan_cache(packed)
+    block_mask = _flex_block_mask(packed, pair_mask, cache)
+    score_mod = _flex_score_mod(packed, pair_bias, cache)
+    compiled = q.device.type == "cuda" if compiled is None else compiled
+    return _flex_attention_fn(compiled)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
 def _reference(q, k, v, packed: Packed, pair_bias, pair_mask, dropout_p: float, scale: float | None):

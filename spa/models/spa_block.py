@@ -18,7 +18,14 @@ import torch
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
-from spa.attention import PackedAttention, TableBias, _LookupBias
+from spa.attention import (
+    PackedAttention,
+    RegionMask,
+    RelativePositionBias,
+    TableBias,
+    _LookupBias,
+    _resolve_backend,
+)
 from spa.gate import _DEFERRED_NAN_CHECKS, TokenGate, _nan_error
 from spa.packing import LAYOUTS, Packed, _pack
 from spa.selection import Selection
@@ -450,9 +457,23 @@ class SPABlock(nn.Module):
 
         With pair tables, a pair's bias entry (and region test) is one lookup; where the attention runs the
         ``math`` rows path the region mask is folded into that lookup (entry ``E``: masked) and no mask hook
-        is needed. Either way the same entries and masks as computed from the coordinates.
+        is needed. For the ``varlen`` backend the hooks are ``RelativePositionBias`` / ``RegionMask``, which also
+        describe the bias and mask per token (FlexAttention's mods read the slots' coordinates and regions).
+        Either way the same entries and masks as computed from the coordinates.
         """
         attn = self.attn
+        if (
+            _resolve_backend(attn.backend, rows.device) == "varlen"
+            and type(attn).relative_position_bias is PackedWindowAttention.relative_position_bias
+        ):
+            # hooks described per token: FlexAttention reads the slots' coordinates and regions, not [K, S, S]
+            bias = RelativePositionBias(
+                attn.relative_position_bias_table, geometry.coords, attn.window,
+                None if tables is None else tables.entry,
+            )  # fmt: skip
+            if not any(geometry.shift):
+                return bias, None
+            return bias, RegionMask(geometry.region, None if tables is None else tables.same_region)
         if tables is None:
 
             def pair_bias(position: torch.Tensor) -> TableBias:
