@@ -154,13 +154,15 @@ def predict(
     topk: int | None = None,
     draw_threshold: float = 0.5,
     log: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Run a checkpoint of any task on image files / folders; write ``OUT/predictions.json`` and
     ``OUT/images.json`` (see the module docstring) and, with ``draw`` (detection), one PNG per image.
 
     ``score_threshold``: detections (default 0.05) or classes (default 0) below it are left out; ``topk``: the
     classes kept per image (default 5), or at most this many detections per image (default: the detector's
-    100); ``draw_threshold``: the detections drawn. Returns ``{"task", "images", "predictions", "files"}``.
+    100); ``draw_threshold``: the detections drawn; ``compile``: run the blocks through
+    ``spa.compile_model`` (regional ``torch.compile``: a slow first batch, then faster ones). Returns ``{"task", "images", "predictions", "files"}``.
     """
     from spa.data import classification_transforms
     from spa.tasks.base import load_model
@@ -179,6 +181,10 @@ def predict(
         raise ConfigError(f"draw needs a detection checkpoint; {checkpoint} is a {task} checkpoint")
     names, cat_ids = checkpoint_classes(model, state)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    if compile:
+        from spa.compile import compile_model
+
+        compile_model(model)
     if task == "detect":
         heads = model.detector.roi_heads
         heads.score_thresh = DETECT_SCORE_THRESHOLD if score_threshold is None else score_threshold
@@ -237,6 +243,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         topk=args.topk,
         draw_threshold=args.draw_threshold,
+        compile=args.compile,
     )
     return 0
 
@@ -282,4 +289,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="draw detections at least this sure (default: 0.5)",
     )
     p.add_argument("--device", default=None, metavar="D", help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the backbone's blocks through spa.compile_model (torch.compile: slow start, faster batches)",
+    )
     p.set_defaults(func=_run_predict)

@@ -220,3 +220,33 @@ def test_eval_predictions_needs_a_detection_checkpoint(tmp_path):
     ckpt = _classifier_checkpoint(tmp_path / "c.pt", "classify")
     with pytest.raises(CheckpointError, match="--predictions writes COCO detections"):
         main(["--debug", "eval", "--checkpoint", str(ckpt), "--predictions", str(tmp_path / "p.json")])
+
+
+@pytest.mark.parametrize("verb", ["predict", "eval"])
+def test_compile_flag_compiles_the_loaded_model_before_the_first_batch(
+    verb, coco, faster, tmp_path, monkeypatch
+):
+    """``--compile`` hands the loaded model to ``spa.compile_model`` before anything runs (torch.compile itself
+    is too slow for the default suite: it is in the slow tests of ``tests/test_compile.py``); without the flag
+    nothing is compiled."""
+    import spa.compile
+
+    seen: list[torch.nn.Module] = []
+
+    def record(model, **kwargs):
+        assert not seen, "compiled twice"
+        seen.append(model)
+        return model
+
+    monkeypatch.setattr(spa.compile, "compile_model", record)
+    ann, images = coco
+    if verb == "predict":
+        argv = ["predict", "--checkpoint", str(faster), "--images", str(images), "--out", str(tmp_path / "p")]
+    else:
+        argv = ["eval", "--checkpoint", str(faster), "--data", f"coco:{ann}:{images}", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert main(argv) == 0
+        assert seen == []
+        assert main([*argv, "--compile"]) == 0
+    assert len(seen) == 1 and type(seen[0]).__name__ == "SPADetector"

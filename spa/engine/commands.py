@@ -237,6 +237,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     model, state = load_model(args.checkpoint, expect=expect, task=task_name)
     if args.keep_threshold is not None:
         set_keep_threshold(model, args.keep_threshold)
+    if args.compile:
+        from spa.compile import compile_model
+
+        compile_model(model)
     stored = (state.get("extra") or {}).get("run_config")
     if stored is None and not args.data:  # never fall back to generating the built-in set
         raise CheckpointError(
@@ -309,5 +313,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="detect: also write the evaluated set's detections here, as COCO results (pycocotools loadRes)",
     )
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the backbone's blocks through spa.compile_model (torch.compile: slow start, faster batches)",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_run_eval)
