@@ -58,12 +58,41 @@ def save_figure(fig, out: str | Path, dpi: int = 110) -> Path:
     return out
 
 
-def plot_ap_vs_gmacs(sweep: Sequence[Mapping[str, Any]], dense: Mapping[str, Any], out: str | Path) -> Path:
+def _interval(row: Mapping[str, Any], key: str, what: str) -> tuple[float, float] | None:
+    """``row[key]`` as a checked ``(lo, hi)`` interval, or None when absent."""
+    ci = row.get(key)
+    if ci is None:
+        return None
+    if isinstance(ci, (str, bytes)) or not isinstance(ci, Sequence) or len(ci) != 2:
+        raise ValueError(f"{what} must be [lo, hi], got {ci!r}")
+    lo, hi = _number(ci[0], what), _number(ci[1], what)
+    if lo > hi:
+        raise ValueError(f"{what} must have lo <= hi, got {ci!r}")
+    return lo, hi
+
+
+def _yerr(values: Sequence[float], intervals: Sequence[tuple[float, float] | None]):
+    """Asymmetric error bars (matplotlib's ``yerr``) of intervals around values; None when none is given."""
+    if all(ci is None for ci in intervals):
+        return None
+    low = [max(0.0, v - ci[0]) if ci else 0.0 for v, ci in zip(values, intervals)]
+    high = [max(0.0, ci[1] - v) if ci else 0.0 for v, ci in zip(values, intervals)]
+    return [low, high]
+
+
+def plot_ap_vs_gmacs(
+    sweep: Sequence[Mapping[str, Any]],
+    dense: Mapping[str, Any],
+    out: str | Path,
+    chosen: float | None = None,
+) -> Path:
     """AP and AP50 vs backbone GMACs per image: one SPT model over inference keep thresholds vs dense.
 
     ``sweep``: ``[{"keep_threshold", "gmacs_kept", "gmacs_executed", "AP", "AP50"}, ...]``;
     ``dense``: ``{"gmacs", "AP", "AP50"}``. Left panel AP, right AP50; SPT drawn against executed GMACs
-    (solid) and kept-token GMACs (dashed), each point labelled with its threshold.
+    (solid) and kept-token GMACs (dashed), each point labelled with its threshold. Optional ``"AP_ci95"`` /
+    ``"AP50_ci95"`` (``[lo, hi]``) in the rows and in ``dense`` are drawn as error bars; ``chosen`` (a
+    threshold of the sweep) is circled.
     """
     keys = ("keep_threshold", "gmacs_kept", "gmacs_executed", "AP", "AP50")
     rows = _rows(sweep, keys, "sweep")
@@ -75,11 +104,30 @@ def plot_ap_vs_gmacs(sweep: Sequence[Mapping[str, Any]], dense: Mapping[str, Any
     for k in ("gmacs", "AP", "AP50"):
         _number(dense[k], f"dense[{k!r}]")
     rows = sorted(rows, key=lambda r: r["gmacs_executed"])
+    intervals = {
+        metric: [
+            _interval(r, f"{metric}_ci95", f"sweep[{i}][{metric + '_ci95'!r}]") for i, r in enumerate(rows)
+        ]
+        for metric in ("AP", "AP50")
+    }
+    dense_ci = {
+        metric: _interval(dense, f"{metric}_ci95", f"dense[{metric + '_ci95'!r}]")
+        for metric in ("AP", "AP50")
+    }
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("AP", "AP50")):
         ap = [r[metric] for r in rows]
-        ax.plot([r["gmacs_executed"] for r in rows], ap, "o-", color="C0", label="SPT (executed GMACs)")
+        executed = [r["gmacs_executed"] for r in rows]
+        ax.plot(executed, ap, "o-", color="C0", label="SPT (executed GMACs)")
+        yerr = _yerr(ap, intervals[metric])
+        if yerr is not None:
+            ax.errorbar(executed, ap, yerr=yerr, fmt="none", ecolor="C0", alpha=0.6, capsize=3,
+                        label="SPT 95% interval")  # fmt: skip
+        if chosen is not None:
+            picked = [r for r in rows if r["keep_threshold"] == chosen]
+            ax.plot([r["gmacs_executed"] for r in picked], [r[metric] for r in picked], "o", markersize=13,
+                    markerfacecolor="none", markeredgecolor="C2", label=f"chosen t={chosen:g}")  # fmt: skip
         ax.plot(
             [r["gmacs_kept"] for r in rows], ap, "s--", color="C0", alpha=0.5, label="SPT (kept-token GMACs)"
         )
@@ -89,6 +137,9 @@ def plot_ap_vs_gmacs(sweep: Sequence[Mapping[str, Any]], dense: Mapping[str, Any
                 textcoords="offset points", xytext=(4, 4),
             )  # fmt: skip
         ax.plot([dense["gmacs"]], [dense[metric]], "*", color="C3", markersize=14, label="dense Swin")
+        if dense_ci[metric] is not None:
+            ax.errorbar([dense["gmacs"]], [dense[metric]], yerr=_yerr([dense[metric]], [dense_ci[metric]]),
+                        fmt="none", ecolor="C3", capsize=4, label="dense 95% interval")  # fmt: skip
         ax.set_xlabel("backbone GMACs per image")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs backbone compute")
@@ -98,9 +149,10 @@ def plot_ap_vs_gmacs(sweep: Sequence[Mapping[str, Any]], dense: Mapping[str, Any
 
 
 def plot_cost_vs_coverage(rows: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
-    """Backbone cost vs scene coverage: executed GMACs (left) and ms per image (right), one line per model.
+    """Backbone cost vs scene coverage: executed GMACs and ms per image, one line per model; with
+    ``"kept_stage3"`` in every row, a first panel of the stage-3 kept-token ratio.
 
-    ``rows``: ``[{"coverage", "model", "gmacs_executed", "ms_per_image"}, ...]``.
+    ``rows``: ``[{"coverage", "model", "gmacs_executed", "ms_per_image"[, "kept_stage3"]}, ...]``.
     """
     keys = ("coverage", "model", "gmacs_executed", "ms_per_image")
     rows = _rows(rows, keys, "rows")
@@ -111,11 +163,14 @@ def plot_cost_vs_coverage(rows: Sequence[Mapping[str, Any]], out: str | Path) ->
         if not isinstance(row["model"], str) or not row["model"]:
             raise ValueError(f"rows[{i}]['model'] must be a non-empty string, got {row['model']!r}")
         by_model.setdefault(row["model"], []).append(row)
+    panels = [("gmacs_executed", "backbone GMACs per image"), ("ms_per_image", "ms per image")]
+    if all("kept_stage3" in r for r in rows):
+        for i, row in enumerate(rows):
+            _number(row["kept_stage3"], f"rows[{i}]['kept_stage3']")
+        panels.insert(0, ("kept_stage3", "stage-3 kept-token ratio"))
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in zip(
-        axes, ("gmacs_executed", "ms_per_image"), ("backbone GMACs per image", "ms per image")
-    ):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, label) in zip(axes, panels):
         for model, points in by_model.items():
             points = sorted(points, key=lambda r: r["coverage"])
             ax.plot([p["coverage"] for p in points], [p[key] for p in points], "o-", label=model)

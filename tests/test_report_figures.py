@@ -81,3 +81,36 @@ def test_smooth():
     assert out[0] == 0.0 and math.isnan(out[1]) and 0.0 < out[2] < 1.0
     with pytest.raises(ValueError):
         smooth([1.0], alpha=1.0)
+
+
+def test_ap_vs_gmacs_error_bars_and_chosen_threshold(tmp_path):
+    sweep = [{**row, "AP_ci95": [row["AP"] - 0.05, row["AP"] + 0.04], "AP50_ci95": [row["AP50"] - 0.1, row["AP50"]]}
+             for row in SWEEP]  # fmt: skip
+    dense = {**DENSE, "AP_ci95": [0.25, 0.33], "AP50_ci95": [0.45, 0.55]}
+    plain = plot_ap_vs_gmacs(SWEEP, DENSE, tmp_path / "plain.png")
+    bars = plot_ap_vs_gmacs(sweep, dense, tmp_path / "bars.png", chosen=0.3)
+    assert _is_png(bars) and bars.read_bytes() != plain.read_bytes()  # the bars are drawn
+    with pytest.raises(ValueError, match=r"\[lo, hi\]"):
+        plot_ap_vs_gmacs([{**sweep[0], "AP_ci95": [0.1]}], dense, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="lo <= hi"):
+        plot_ap_vs_gmacs(sweep, {**dense, "AP50_ci95": [0.6, 0.5]}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="finite"):
+        plot_ap_vs_gmacs([{**sweep[0], "AP_ci95": [0.1, float("nan")]}], dense, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cost_vs_coverage_with_kept_ratio_panel(tmp_path):
+    rows = [
+        {**row, "kept_stage3": 1.0 if row["model"] == "swin_nano" else 0.2 + row["coverage"]}
+        for row in COVERAGE
+    ]
+    with_kept = plot_cost_vs_coverage(rows, tmp_path / "kept.png")
+    assert _is_png(with_kept)
+    from PIL import Image
+
+    assert (
+        Image.open(with_kept).size[0]
+        > Image.open(plot_cost_vs_coverage(COVERAGE, tmp_path / "two.png")).size[0]
+    )
+    with pytest.raises(ValueError, match="kept_stage3"):
+        plot_cost_vs_coverage([{**rows[0], "kept_stage3": "most"}, *rows[1:]], tmp_path / "x.png")

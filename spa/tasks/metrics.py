@@ -22,10 +22,15 @@ from timm.utils import accuracy
 
 __all__ = [
     "COCO_METRICS",
+    "ap_of_images",
     "average_precision",
+    "bootstrap_ap",
+    "bootstrap_indices",
     "coco_ground_truth",
     "coco_metrics",
     "mean_average_precision",
+    "percentile_interval",
+    "prepare_bootstrap",
     "to_coco_results",
     "topk_accuracy",
 ]
@@ -159,4 +164,143 @@ def mean_average_precision(
         "mAP": float(np.mean(valid)) if valid else math.nan,
         "AP": dict(zip(names, aps)),
         "classes_without_positives": len(aps) - len(valid),
+    }
+
+
+# -- bootstrap intervals of COCO AP over images -------------------------------------------------------
+
+
+def _evaluated(coco_gt: Any, results: list[dict], iou_type: str) -> Any:
+    """pycocotools' ``COCOeval`` after ``evaluate()`` (per image and category matches), no accumulate."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+        evaluator.evaluate()
+    return evaluator
+
+
+def _per_category(evaluator: Any, max_det: int = 100) -> list[list[dict | None]]:
+    """``[category][image]``: the arrays pycocotools accumulates for area range "all" and ``max_det``
+    detections (``None`` where an image has neither ground truth nor detections of the category)."""
+    p = evaluator.params
+    n_img, n_area = len(p.imgIds), len(p.areaRng)
+    out = []
+    for k in range(len(p.catIds)):
+        per_image = []
+        for i in range(n_img):
+            e = evaluator.evalImgs[k * n_area * n_img + i]  # area index 0 = "all"
+            if e is None:
+                per_image.append(None)
+                continue
+            per_image.append({
+                "scores": np.asarray(e["dtScores"][:max_det], dtype=np.float64),
+                "matched": np.asarray(e["dtMatches"][:, :max_det]) > 0,
+                "ignored": np.asarray(e["dtIgnore"][:, :max_det]).astype(bool),
+                "gt": int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)),
+            })  # fmt: skip
+        out.append(per_image)
+    return out
+
+
+def _precision(
+    per_image: list[dict | None], indices: Sequence[int], rec_thrs: np.ndarray
+) -> np.ndarray | None:
+    """``[T, R]`` interpolated precision of one category over the images ``indices`` (a multiset: a repeated
+    index counts its image again), exactly as ``COCOeval.accumulate``; None without ground truth."""
+    chosen = [per_image[i] for i in indices if per_image[i] is not None]
+    if not chosen:
+        return None
+    positives = sum(e["gt"] for e in chosen)
+    if positives == 0:
+        return None
+    scores = np.concatenate([e["scores"] for e in chosen])
+    order = np.argsort(-scores, kind="mergesort")
+    matched = np.concatenate([e["matched"] for e in chosen], axis=1)[:, order]
+    ignored = np.concatenate([e["ignored"] for e in chosen], axis=1)[:, order]
+    tp = np.cumsum(matched & ~ignored, axis=1, dtype=np.float64)
+    fp = np.cumsum(~matched & ~ignored, axis=1, dtype=np.float64)
+    out = np.zeros((tp.shape[0], len(rec_thrs)))
+    if tp.shape[1] == 0:
+        return out
+    recall = tp / positives
+    precision = tp / (fp + tp + np.spacing(1))
+    precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]  # pycocotools' envelope
+    for t in range(tp.shape[0]):
+        at = np.searchsorted(recall[t], rec_thrs, side="left")
+        inside = at < tp.shape[1]
+        out[t, inside] = precision[t, at[inside]]
+    return out
+
+
+def ap_of_images(prepared: tuple[Any, list], indices: Sequence[int]) -> tuple[float, float]:
+    """``(AP, AP50)`` of the images at ``indices`` (positions in ``params.imgIds``; repeats allowed), from
+    :func:`prepare_bootstrap`'s evaluation: the numbers pycocotools gives for a set in which each repeated
+    image is a copy with its own id."""
+    evaluator, per_category = prepared
+    rec_thrs = np.asarray(evaluator.params.recThrs)
+    grids = [g for g in (_precision(c, indices, rec_thrs) for c in per_category) if g is not None]
+    if not grids:
+        return -1.0, -1.0
+    stack = np.stack(grids)  # [K, T, R]
+    return float(stack.mean()), float(stack[:, 0].mean())
+
+
+def prepare_bootstrap(coco_gt: Any, results: list[dict], iou_type: str = "bbox") -> tuple[Any, list] | None:
+    """Evaluate once (pycocotools ``evaluate``) for :func:`ap_of_images`; None when there are no results."""
+    if not results:
+        return None
+    evaluator = _evaluated(coco_gt, [dict(r) for r in results], iou_type)
+    return evaluator, _per_category(evaluator, evaluator.params.maxDets[-1])
+
+
+def bootstrap_indices(n_images: int, resamples: int = 200, seed: int = 0) -> np.ndarray:
+    """``[resamples, n_images]`` image positions drawn with replacement (seeded), the first row the identity
+    (the full set itself is not a resample: callers skip it)."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.arange(n_images)[None], rng.integers(0, n_images, (resamples, n_images))])
+
+
+def percentile_interval(values: Sequence[float], level: float = 0.95) -> list[float]:
+    """``[lo, hi]``: the percentile bootstrap interval of ``values`` at ``level``."""
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_ap(
+    coco_gt: Any,
+    results: list[dict],
+    iou_type: str = "bbox",
+    resamples: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """COCO AP and AP50 with percentile bootstrap intervals over the evaluated images.
+
+    pycocotools matches detections to ground truth once per image (``evaluate``); each resample draws the
+    images with replacement and accumulates their matches as pycocotools would for a set in which a repeated
+    image is a copy with its own id. Returns ``{"AP", "AP50", "ci95": {"AP": [lo, hi], "AP50": [lo, hi]},
+    "resamples", "images", "samples": {"AP": [...], "AP50": [...]}}``; ``AP``/``AP50`` are the full set's
+    (equal to :func:`coco_metrics`). No detections: every number 0.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    n = len(coco_gt.getImgIds())
+    prepared = prepare_bootstrap(coco_gt, results, iou_type)
+    if prepared is None:
+        zeros = [0.0] * resamples
+        return {"AP": 0.0, "AP50": 0.0, "ci95": {"AP": [0.0, 0.0], "AP50": [0.0, 0.0]},
+                "resamples": resamples, "images": n, "samples": {"AP": zeros, "AP50": zeros}}  # fmt: skip
+    rows = bootstrap_indices(len(prepared[0].params.imgIds), resamples, seed)
+    values = np.array([ap_of_images(prepared, r) for r in rows])
+    samples = values[1:]
+    return {
+        "AP": float(values[0, 0]),
+        "AP50": float(values[0, 1]),
+        "ci95": {
+            "AP": percentile_interval(samples[:, 0], level),
+            "AP50": percentile_interval(samples[:, 1], level),
+        },
+        "resamples": resamples,
+        "images": n,
+        "samples": {"AP": samples[:, 0].tolist(), "AP50": samples[:, 1].tolist()},
     }
