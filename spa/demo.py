@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from spa.bench.timing import environment, interleaved_rounds
+from spa.engine.pretrained import file_sha256
 
 __all__ = ["DemoConfig", "choose_keep_threshold", "gate_pass", "pretrain_backbone", "register", "run_demo"]
 
@@ -100,14 +101,6 @@ def _log(msg: str) -> None:
     print(f"[spa demo] {msg}", flush=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -167,7 +160,7 @@ def pretrain_backbone(cfg: DemoConfig, dense: str, data_root: Path) -> dict[str,
     sha_file, info_file = path.with_suffix(".sha256"), path.with_suffix(".json")
     if path.is_file() and sha_file.is_file() and info_file.is_file():
         recorded = sha_file.read_text().split()[0]
-        if _sha256(path) == recorded:
+        if file_sha256(path) == recorded:
             info = json.loads(info_file.read_text())
             return {**info, "path": str(path.resolve()), "sha256": recorded, "reused": True}
         _log(f"{path}: sha256 differs from {sha_file.name}; pretraining again")
@@ -182,7 +175,7 @@ def pretrain_backbone(cfg: DemoConfig, dense: str, data_root: Path) -> dict[str,
     tmp = path.with_suffix(".tmp")
     torch.save(result["model"].backbone.state_dict(), tmp)  # a timm Swin state dict (head included)
     tmp.replace(path)
-    sha = _sha256(path)
+    sha = file_sha256(path)
     sha_file.write_text(f"{sha}  {path.name}\n")
     meta = json.loads((data_root / "meta.json").read_text())
     info = {

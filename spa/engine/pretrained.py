@@ -18,7 +18,7 @@ from torch import nn
 
 from spa.errors import SpaError
 
-__all__ = ["PretrainedError", "PretrainedReport", "load_pretrained", "read_pretrained"]
+__all__ = ["PretrainedError", "PretrainedReport", "file_sha256", "load_pretrained", "read_pretrained"]
 
 # where a task model keeps its backbone, in an spa checkpoint's state dict
 _SPA_BACKBONE_PREFIXES = ("detector.backbone.body.model.", "detector.backbone.body.", "backbone.")
@@ -56,7 +56,8 @@ class PretrainedReport:
         )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -104,7 +105,7 @@ def read_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], Pretrain
             f"--pretrained {path}: no backbone weights in it (no patch_embed.* / layers.* / stages.* keys; "
             f"first keys: {sorted(state)[:3]})"
         )
-    return state, PretrainedReport(path=str(path.resolve()), sha256=_sha256(path), source=source)
+    return state, PretrainedReport(path=str(path.resolve()), sha256=file_sha256(path), source=source)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
