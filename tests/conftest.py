@@ -61,3 +61,25 @@ def write_tiny_coco(
     ann = root / name
     ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": list(categories)}))
     return ann, root / "images"
+
+
+class SyncCounter:
+    """Counts the calls that make the host wait for the device (on CUDA): ``tolist``, ``item``, ``bool``/``int``
+    of a tensor and ``nonzero`` (``nonzero_static`` does not wait)."""
+
+    NAMES = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero")
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            self._wrap(monkeypatch, torch.Tensor, name)
+        self._wrap(monkeypatch, torch, "nonzero")
+
+    def _wrap(self, monkeypatch, owner, name) -> None:
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)

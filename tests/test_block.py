@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SyncCounter
 
 from spa.models.spa_block import SPABlock
 
@@ -249,28 +250,6 @@ def test_block_keeps_the_plan_but_not_its_input() -> None:
 # --- fixed per-block cost (issue #17): shared geometry and pair tables, one device sync -------------------
 
 
-class _SyncCounter:
-    """Counts the calls that make the host wait for the device (on CUDA): ``tolist``, ``item``, ``bool``/``int``
-    of a tensor and ``nonzero`` (``nonzero_static`` does not wait)."""
-
-    NAMES = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero")
-
-    def __init__(self, monkeypatch) -> None:
-        self.calls: list[str] = []
-        for name in self.NAMES:
-            self._wrap(monkeypatch, torch.Tensor, name)
-        self._wrap(monkeypatch, torch, "nonzero")
-
-    def _wrap(self, monkeypatch, owner, name) -> None:
-        original = getattr(owner, name)
-
-        def counted(*args, **kwargs):
-            self.calls.append(name)
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, counted)
-
-
 def _spread_gate(block: SPABlock) -> SPABlock:
     with torch.no_grad():
         block.gate.proj.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
@@ -290,7 +269,7 @@ def test_block_forward_reads_the_device_once(layout, select, train, ffn, monkeyp
     ).train(train)
     x = torch.randn(2, 14, 14, 16, requires_grad=train)
     block(x)  # the first call builds the shared geometry and pair tables
-    syncs = _SyncCounter(monkeypatch)
+    syncs = SyncCounter(monkeypatch)
     with torch.inference_mode(not train):
         out, selection = block(x, torch.randn(2, 14, 14))
     assert syncs.calls == ["tolist"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SyncCounter
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -243,28 +244,6 @@ def test_unpack_checks_shapes():
 # --- what the plan knows on the host (issue #17: no device sync beyond the per-image counts) ---------------
 
 
-class _SyncCounter:
-    """Counts the calls that make the host wait for the device (on CUDA): ``tolist``, ``item``, ``bool``/``int``
-    of a tensor and ``nonzero`` (``nonzero_static`` does not wait)."""
-
-    NAMES = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero")
-
-    def __init__(self, monkeypatch) -> None:
-        self.calls: list[str] = []
-        for name in self.NAMES:
-            self._wrap(monkeypatch, torch.Tensor, name)
-        self._wrap(monkeypatch, torch, "nonzero")
-
-    def _wrap(self, monkeypatch, owner, name) -> None:
-        original = getattr(owner, name)
-
-        def counted(*args, **kwargs):
-            self.calls.append(name)
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, counted)
-
-
 def _first_padding_from_slot_map(packed) -> int:
     padding = (packed.image.reshape(-1) < 0).nonzero().squeeze(1)
     return int(padding[0]) if padding.numel() else packed.image.numel()
@@ -318,7 +297,7 @@ def test_pack_reads_the_device_once(layout, monkeypatch):
     keep = torch.rand(4, 49, generator=g) < 0.4
     order = torch.randperm(49, generator=g)
     expected = pack(x, keep, 9, layout, order, check_order=False)
-    syncs = _SyncCounter(monkeypatch)
+    syncs = SyncCounter(monkeypatch)
     packed = pack(x, keep, 9, layout, order, check_order=False)
     _ = packed.padding_slots
     if layout != "masked":  # masked pads in place (unkept tokens): its rows are its slots, nothing reads this
@@ -333,7 +312,7 @@ def test_pack_reads_extra_flags_in_the_same_sync(monkeypatch):
 
     x, keep = torch.randn(2, 10, 3), torch.rand(2, 10) > 0.5
     flags = (torch.tensor(True), torch.tensor(False), torch.tensor(3))
-    syncs = _SyncCounter(monkeypatch)
+    syncs = SyncCounter(monkeypatch)
     packed, values = _pack(x, keep, 4, sync_with=flags)
     assert values == [1, 0, 3] and syncs.calls == ["tolist"]
     assert packed.num_kept == int(keep.sum())
