@@ -626,6 +626,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             keep_ratios=(1.0, 0.5, 0.3),
             layouts=("containers",),
             checkpoint=spt_dir / "checkpoints" / "last.pt",
+            keep_threshold=choices[0]["keep_threshold"],  # the threshold the report's numbers use
             images=[Path(sets["detect"]) / "val" / "images"],  # the trained gate sees real scenes, not noise
             rounds=cfg.timing_rounds,
             memory=False,

@@ -120,3 +120,21 @@ def test_cli_quick_with_trained_gate(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bench_backbone(**{"models": ["spt_nano"], "sizes": [64], "batch_sizes": [1], **kwargs})
+
+
+def test_keep_threshold_sets_the_checkpoint_gate(tmp_path):
+    """``--keep-threshold`` overrides the checkpoint's stored threshold for its gate configurations: a low one
+    keeps more tokens than a high one; without a checkpoint it is refused."""
+    ckpt = _checkpoint(tmp_path / "last.pt")
+    argv = ["bench", "backbone", "--models", "spt_nano", "--quick", "--no-memory", "--sizes", "64"]
+    argv += ["--batch-sizes", "1", "--keep-ratios", "0.5", "--layouts", "containers", "--rounds", "1"]
+    kept = {}
+    for threshold in ("0.01", "0.99"):
+        out = tmp_path / f"bb{threshold}.json"
+        argv_t = [*argv, "--checkpoint", str(ckpt), "--keep-threshold", threshold, "--json", str(out)]
+        assert main(argv_t) == 0
+        gate = [r for r in json.loads(out.read_text()) if r["select"] == "gate"]
+        assert len(gate) == 1
+        kept[threshold] = gate[0]["kept_ratio_measured"]
+    assert kept["0.01"] > kept["0.99"]
+    assert main([*argv, "--keep-threshold", "0.5"]) == 2  # no checkpoint: a one-line error

@@ -123,3 +123,12 @@ def test_pretrained_init_is_cached_by_settings_and_sha256(tmp_path):
     path.write_bytes(path.read_bytes() + b"x")  # a file that no longer matches its sha256 is trained again
     redone = pretrain_backbone(cfg, "swin_nano", sets["pretrain"])
     assert redone["reused"] is False and hashlib.sha256(path.read_bytes()).hexdigest() == redone["sha256"]
+
+
+def test_demo_backbone_bench_times_the_gate_at_the_chosen_threshold(tmp_path):
+    """The demo's backbone benchmark runs the SPT checkpoint's gate at the keep threshold chosen on training
+    images (the one every other number of the report uses), not at the threshold stored in the checkpoint."""
+    report = run_demo(_tiny(tmp_path, bench_backbone=True))
+    chosen = report["keep_threshold"]["chosen"][0]["keep_threshold"]
+    gate = [r for r in report["backbone_bench"] if r["select"] == "gate"]
+    assert gate and all(r["keep_threshold"] == chosen for r in gate)

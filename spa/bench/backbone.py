@@ -71,6 +71,7 @@ def _backbone_configs(
     checkpoint: str | None,
     checkpoint_model: str | None,
     backends: Sequence[str] = ("auto",),
+    keep_threshold: float | None = None,
 ) -> list[dict]:
     """Configurations to time in one (size, batch) worker; every SPT width gets its dense baseline. SPT
     configurations run for every attention backend of ``backends``; dense ones have ``backend`` None."""
@@ -96,7 +97,7 @@ def _backbone_configs(
             for layout in layouts:
                 configs.append(
                     {"model": checkpoint_model, "select": "gate", "keep_ratio": None, "layout": layout,
-                     "checkpoint": str(checkpoint), "backend": backend}
+                     "checkpoint": str(checkpoint), "backend": backend, "keep_threshold": keep_threshold}
                 )  # fmt: skip
         if dense_baseline_of(checkpoint_model) not in dense:
             dense.append(dense_baseline_of(checkpoint_model))
@@ -105,6 +106,7 @@ def _backbone_configs(
     ] + configs
     for cfg in configs:
         cfg.setdefault("checkpoint", None)
+        cfg.setdefault("keep_threshold", None)
         cfg["dense_model"] = dense_baseline_of(cfg["model"])
     return configs
 
@@ -115,7 +117,12 @@ def _build_backbone(cfg: dict, size: int) -> nn.Module:
     if cfg.get("checkpoint"):
         from spa.tasks.base import load_model
 
-        return load_model(cfg["checkpoint"], task="detect")[0].backbone.body
+        body = load_model(cfg["checkpoint"], task="detect")[0].backbone.body
+        if cfg.get("keep_threshold") is not None:  # else: the threshold stored in the checkpoint
+            from spa.gate import set_keep_threshold
+
+            set_keep_threshold(body, cfg["keep_threshold"])
+        return body
     options = {} if cfg["select"] == "dense" else {"select": "topk", "keep_ratio": cfg["keep_ratio"]}
     return create_backbone(cfg["model"], features_only=True, img_size=size, drop_path_rate=0.0, **options)
 
@@ -290,13 +297,15 @@ def bench_backbone(
     amp: str = "off",
     backend: str | Sequence[str] = "auto",
     compile: bool = False,
+    keep_threshold: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Benchmark whole backbones (``features_only`` SPT vs timm Swin of the same width); see the module docstring.
 
     Returns one record per (model, size, batch size, select, keep ratio, layout, backend) with GMACs (kept and
     executed), train-step and inference images/s, peak memory (RSS on CPU, allocated GPU memory on CUDA), the
-    time ratios to the dense baseline, the device, AMP mode and environment (``env_*``).
+    time ratios to the dense baseline, the device, AMP mode and environment (``env_*``). ``keep_threshold``:
+    the inference keep threshold of the checkpoint's gate (default: the one stored in the checkpoint).
     """
     import tempfile
 
@@ -318,6 +327,8 @@ def bench_backbone(
         raise ConfigError(f"need sizes >= 32 and batch sizes >= 1, got {list(sizes)} and {list(batch_sizes)}")
     if rounds < 1 or warmup < 0:
         raise ConfigError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    if keep_threshold is not None and (checkpoint is None or not 0.0 < keep_threshold < 1.0):
+        raise ConfigError(f"keep_threshold needs a checkpoint and must be in (0, 1), got {keep_threshold}")
     checkpoint_model = None
     if checkpoint is not None:
         from spa.engine.checkpoint import load_checkpoint
@@ -332,7 +343,9 @@ def bench_backbone(
         from spa.viz import _image_paths
 
         image_paths = [str(p) for p in _image_paths([str(i) for i in images])]
-    configs = _backbone_configs(models, keep_ratios, layouts, checkpoint, checkpoint_model, backends)
+    configs = _backbone_configs(
+        models, keep_ratios, layouts, checkpoint, checkpoint_model, backends, keep_threshold
+    )
     load = round(os.getloadavg()[0], 2)  # other work on the machine makes timings noisy
     rss_memory = memory and not bench.is_cuda  # on CUDA the timing worker records GPU peak memory instead
     records: list[dict] = []

@@ -65,6 +65,7 @@ def _run_backbone(args: argparse.Namespace) -> int:
         keep_ratios=[float(r) for r in args.keep_ratios.split(",")],
         layouts=[lay.strip() for lay in args.layouts.split(",")],
         checkpoint=args.checkpoint,
+        keep_threshold=args.keep_threshold,
         images=args.images,
         rounds=args.rounds or (2 if quick else 5),
         warmup=1,
@@ -189,6 +190,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bb.add_argument("--layouts", default=",".join(LAYOUTS), help="packing layouts, comma list (default all)")
     bb.add_argument("--checkpoint", help="detection checkpoint: also benchmark its trained gate")
+    bb.add_argument(
+        "--keep-threshold",
+        type=float,
+        help="inference keep threshold of the checkpoint's gate (default: the one stored in the checkpoint)",
+    )
     bb.add_argument(
         "--images", nargs="+", help="image files/folders to benchmark on (default: random normal images)"
     )
