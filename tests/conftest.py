@@ -83,3 +83,24 @@ class SyncCounter:
             return original(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, counted)
+
+
+def write_spt_detector_checkpoint(path: Path) -> Path:
+    """A Faster R-CNN ``spt_nano`` detection checkpoint (64 px, tiny heads, gate threshold 0.3) as ``spa train``
+    writes it (meta + run config); the benchmarks use its body and trained gate."""
+    from dataclasses import asdict
+
+    from spa.config import RunConfig
+    from spa.engine.checkpoint import save_checkpoint
+    from spa.tasks.detection import DetectorConfig, build_detector
+
+    cfg = DetectorConfig(
+        model="spt_nano", num_classes=2, img_size=64, min_size=64, max_size=64, fpn_channels=16,
+        representation_size=32, model_kwargs={"drop_path_rate": 0.0, "keep_threshold": 0.3},
+    )  # fmt: skip
+    meta = {"task": "detect", "detector": cfg.to_dict()}
+    run = asdict(RunConfig(model="spt_nano", img_size=64, fpn_channels=16, representation_size=32))
+    save_checkpoint(
+        path, {"model": build_detector(cfg).state_dict(), "meta": meta, "extra": {"run_config": run}}
+    )
+    return path

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
+from conftest import write_spt_detector_checkpoint
 from PIL import Image
 
 from spa.bench import REQUIRED_KEYS, bench_backbone, format_backbone_table
 from spa.cli import main
-from spa.engine.checkpoint import save_checkpoint
-from spa.engine.commands import RunConfig
-from spa.tasks.detection import DetectorConfig, build_detector
 
 
 def _check(records: list[dict]) -> None:
@@ -72,22 +69,9 @@ def test_bench_backbone_memory_every_configuration():
     _check_memory(records)
 
 
-def _checkpoint(path):
-    cfg = DetectorConfig(
-        model="spt_nano", num_classes=2, img_size=64, min_size=64, max_size=64, fpn_channels=16,
-        representation_size=32, model_kwargs={"drop_path_rate": 0.0, "keep_threshold": 0.3},
-    )  # fmt: skip
-    meta = {"task": "detect", "detector": cfg.to_dict()}
-    run = asdict(RunConfig(model="spt_nano", img_size=64, fpn_channels=16, representation_size=32))
-    save_checkpoint(
-        path, {"model": build_detector(cfg).state_dict(), "meta": meta, "extra": {"run_config": run}}
-    )
-    return path
-
-
 def test_cli_quick_with_trained_gate(tmp_path):
     out = tmp_path / "bb.json"
-    ckpt = _checkpoint(tmp_path / "last.pt")
+    ckpt = write_spt_detector_checkpoint(tmp_path / "last.pt")
     argv = ["bench", "backbone", "--models", "spt_nano", "--quick", "--no-memory", "--sizes", "64"]
     argv += ["--batch-sizes", "1", "--keep-ratios", "0.5", "--layouts", "masked", "--rounds", "1"]
     image = tmp_path / "images" / "a.png"
@@ -125,7 +109,7 @@ def test_bad_arguments(kwargs, match):
 def test_keep_threshold_sets_the_checkpoint_gate(tmp_path):
     """``--keep-threshold`` overrides the checkpoint's stored threshold for its gate configurations: a low one
     keeps more tokens than a high one; without a checkpoint it is refused."""
-    ckpt = _checkpoint(tmp_path / "last.pt")
+    ckpt = write_spt_detector_checkpoint(tmp_path / "last.pt")
     argv = ["bench", "backbone", "--models", "spt_nano", "--quick", "--no-memory", "--sizes", "64"]
     argv += ["--batch-sizes", "1", "--keep-ratios", "0.5", "--layouts", "containers", "--rounds", "1"]
     kept = {}

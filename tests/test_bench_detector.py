@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import write_spt_detector_checkpoint
 
 from spa.bench import DETECTOR_REQUIRED_KEYS, DetectorHeads, bench_detector, format_detector_table
 from spa.bench.detector import synthetic_batch
 from spa.bench.timing import device_sync, environment
 from spa.cli import main
 from spa.engine.checkpoint import save_checkpoint
-from spa.engine.commands import RunConfig
 from spa.errors import ConfigError
-from spa.tasks.detection import DetectorConfig, build_detector
+from spa.tasks.detection import DetectorConfig
 
 QUICK = DetectorHeads.quick()
 
@@ -63,22 +62,11 @@ def test_bench_detector_quick():
     assert "| spt_nano | faster_rcnn | 128 | 1 | topk | 0.30 |" in table and "peak MB" not in table
 
 
-def _checkpoint(path):
-    cfg = DetectorConfig(
-        model="spt_nano", num_classes=2, img_size=64, min_size=64, max_size=64, fpn_channels=16,
-        representation_size=32, model_kwargs={"drop_path_rate": 0.0, "keep_threshold": 0.3},
-    )  # fmt: skip
-    meta = {"task": "detect", "detector": cfg.to_dict()}
-    run = asdict(RunConfig(model="spt_nano", img_size=64, fpn_channels=16, representation_size=32))
-    save_checkpoint(
-        path, {"model": build_detector(cfg).state_dict(), "meta": meta, "extra": {"run_config": run}}
-    )
-    return path
-
-
 def test_cli_quick_mask_rcnn_with_trained_gate(tmp_path):
     out = tmp_path / "det.json"
-    ckpt = _checkpoint(tmp_path / "last.pt")  # a Faster R-CNN checkpoint: only its body (and gate) is used
+    ckpt = write_spt_detector_checkpoint(
+        tmp_path / "last.pt"
+    )  # a Faster R-CNN checkpoint: only its body (and gate) is used
     argv = ["bench", "detector", "--quick", "--detector", "mask_rcnn", "--keep-ratios", "0.5"]
     assert main([*argv, "--checkpoint", str(ckpt), "--json", str(out)]) == 0
     records = json.loads(out.read_text())
@@ -132,7 +120,7 @@ def test_cli_user_errors(flags, message, capsys, monkeypatch):
     assert err.startswith("spa bench: error:") and message in err
 
 
-def test_cli_refuses_a_dense_checkpoint(tmp_path, capsys, monkeypatch):
+def test_cli_refuses_a_densewrite_spt_detector_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SPA_DEBUG", raising=False)
     cfg = DetectorConfig(
         model="swin_nano", num_classes=2, img_size=64, min_size=64, max_size=64, fpn_channels=16

@@ -41,7 +41,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -377,6 +377,17 @@ def bench_backbone(
 _RSS_KEYS = ("base_rss_mb", "infer_peak_rss_mb", "peak_rss_mb", "peak_rss_delta_mb")
 
 
+def _config_records(configs: list[dict], timed: list[dict]) -> Iterator[tuple[int, int, dict]]:
+    """Per configuration of one timing worker: its index, the index of its dense baseline, and its record
+    so far (the configuration; a trained gate's ``keep_ratio`` = its measured kept fraction)."""
+    dense_at = {c["model"]: i for i, c in enumerate(configs) if c["select"] == "dense"}
+    for i, cfg in enumerate(configs):
+        rec = dict(cfg)
+        if rec["keep_ratio"] is None:
+            rec["keep_ratio"] = timed[i]["kept_ratio_measured"]
+        yield i, dense_at[cfg["dense_model"]], rec
+
+
 def _records(
     configs: list[dict],
     out: dict,
@@ -389,14 +400,10 @@ def _records(
     """The records of one timing worker's results (medians, img/s, ratios to dense, memory, environment)."""
     timed, batch = out["results"], spec["batch_size"]
     env = {**out["environment"], "threads": spec["threads"], "load_avg_1m": load}
-    dense_at = {c["model"]: i for i, c in enumerate(configs) if c["select"] == "dense"}
     records = []
-    for i, cfg in enumerate(configs):
-        res, ref = timed[i], timed[dense_at[cfg["dense_model"]]]
-        rec = dict(cfg)
-        if rec["keep_ratio"] is None:
-            rec["keep_ratio"] = res["kept_ratio_measured"]
-        dense_rss = rss[dense_at[cfg["dense_model"]]]["peak_rss_mb"]
+    for i, dense, rec in _config_records(configs, timed):
+        res, ref = timed[i], timed[dense]
+        dense_rss = rss[dense]["peak_rss_mb"]
         rec.update(
             size=spec["size"],
             batch_size=batch,

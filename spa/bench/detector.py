@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from spa.attention import BACKENDS
-from spa.bench.backbone import _backbone_configs, _configure, _run_worker
+from spa.bench.backbone import _backbone_configs, _config_records, _configure, _run_worker
 from spa.bench.timing import BenchDevice, median_ratio, pass_fields
 from spa.errors import ConfigError
 
@@ -372,13 +372,9 @@ def _records(configs: list[dict], out: dict, spec: dict, bench: BenchDevice, loa
     """The records of one worker's results (medians, ratios to dense, backbone shares)."""
     timed, batch = out["results"], spec["batch_size"]
     env = {**out["environment"], "load_avg_1m": load}
-    dense_at = {c["model"]: i for i, c in enumerate(configs) if c["select"] == "dense"}
     records = []
-    for i, cfg in enumerate(configs):
-        res, ref = timed[i], timed[dense_at[cfg["dense_model"]]]
-        rec = dict(cfg)
-        if rec["keep_ratio"] is None:
-            rec["keep_ratio"] = res["kept_ratio_measured"]
+    for i, dense, rec in _config_records(configs, timed):
+        res, ref = timed[i], timed[dense]
         backbone = pass_fields(ref, ref, ("backbone_train", "backbone_infer"))  # the dense baseline's
         rec.update(
             detector=spec["detector"],
