@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from spa.bench.timing import environment, interleaved_rounds
+from spa.engine.checkpoint import atomic_write, save_checkpoint, write_json
 from spa.engine.pretrained import file_sha256
 
 __all__ = ["DemoConfig", "choose_keep_threshold", "gate_pass", "pretrain_backbone", "register", "run_demo"]
@@ -171,12 +172,9 @@ def pretrain_backbone(cfg: DemoConfig, dense: str, data_root: Path) -> dict[str,
         eval_batch_size=16, checkpoint_every=max(50, cfg.pretrain_steps), out=str(folder / f"run-{key}"),
     )  # fmt: skip
     result = run_training(run, overwrite=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(result["model"].backbone.state_dict(), tmp)  # a timm Swin state dict (head included)
-    tmp.replace(path)
+    save_checkpoint(path, result["model"].backbone.state_dict())  # a timm Swin state dict (head included)
     sha = file_sha256(path)
-    sha_file.write_text(f"{sha}  {path.name}\n")
+    atomic_write(sha_file, lambda f: f.write(f"{sha}  {path.name}\n".encode()))
     meta = json.loads((data_root / "meta.json").read_text())
     info = {
         "trained_on": (
@@ -194,7 +192,7 @@ def pretrain_backbone(cfg: DemoConfig, dense: str, data_root: Path) -> dict[str,
         "val_mAP": result["eval"]["mAP"],
         "minutes": (time.perf_counter() - start) / 60,
     }
-    info_file.write_text(json.dumps(info, indent=2))
+    write_json(info_file, info)
     return {**info, "path": str(path.resolve()), "sha256": sha, "reused": False}
 
 
@@ -644,7 +642,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     report["keep_movement"] = _keep_movement(spt_dir / "metrics.jsonl")
     report["minutes"] = (time.perf_counter() - start) / 60
     report["targets"] = _targets(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "report.json", report)
     (out / "report.md").write_text(render_report(report))
     _log(f"done in {report['minutes']:.1f} min: {out / 'report.md'}")
     return report
