@@ -38,6 +38,14 @@ __all__ = [
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def _evaluated(coco_gt: Any, results: list[dict], iou_type: str) -> Any:
+    """pycocotools' ``COCOeval`` after ``evaluate()`` (per image and category matches), no accumulate."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+        evaluator.evaluate()
+    return evaluator
+
+
 def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str = "bbox") -> dict[str, float]:
     """COCO AP/AP50/AP75/APs/APm/APl of ``results`` (COCO result dicts) against ``coco_gt`` (pycocotools).
 
@@ -46,10 +54,8 @@ def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str = "bbox") -> d
     """
     if not results:
         return dict.fromkeys(COCO_METRICS, 0.0)
+    evaluator = _evaluated(coco_gt, results, iou_type)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-        evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     return {k: float(v) for k, v in zip(COCO_METRICS, evaluator.stats[:6])}
@@ -168,14 +174,6 @@ def mean_average_precision(
 
 
 # -- bootstrap intervals of COCO AP over images -------------------------------------------------------
-
-
-def _evaluated(coco_gt: Any, results: list[dict], iou_type: str) -> Any:
-    """pycocotools' ``COCOeval`` after ``evaluate()`` (per image and category matches), no accumulate."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
-        evaluator.evaluate()
-    return evaluator
 
 
 def _per_category(evaluator: Any, max_det: int = 100) -> list[list[dict | None]]:
