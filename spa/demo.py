@@ -225,13 +225,14 @@ def _train(cfg: DemoConfig, model: str, data_root: Path, seed: int, pretrained: 
 
 
 def _evaluate(model: Any, val: Any, resamples: int, seed: int = 0) -> dict[str, Any]:
-    """``evaluate_detection`` (AP, kept ratios, GMACs) plus the bootstrap over validation images; the COCO
+    """``evaluate_detection`` (AP, kept ratios, GMACs) with the bootstrap over validation images; the COCO
     results stay in ``"results"`` for joint resampling (dropped before the report is written)."""
     from spa.tasks.evaluation import evaluate_detection
-    from spa.tasks.metrics import bootstrap_ap, coco_ground_truth
 
-    result = evaluate_detection(model, val, batch_size=4, return_results=True)
-    boot = bootstrap_ap(coco_ground_truth(val)[0], result["results"]["bbox"], resamples=resamples, seed=seed)
+    result = evaluate_detection(
+        model, val, batch_size=4, return_results=True, bootstrap=resamples, bootstrap_seed=seed
+    )
+    boot = result.pop("bbox_bootstrap")
     result["ci95"] = boot["ci95"]
     result["bootstrap_samples"] = boot["samples"]
     return result

@@ -15,6 +15,7 @@ from spa.tasks.metrics import (
     bootstrap_ap,
     bootstrap_indices,
     coco_metrics,
+    coco_metrics_with_bootstrap,
     percentile_interval,
     prepare_bootstrap,
 )
@@ -111,6 +112,19 @@ def test_bootstrap_is_seeded_and_empty_results_give_zeros():
     assert empty["AP"] == 0.0 and empty["ci95"]["AP50"] == [0.0, 0.0]
     with pytest.raises(ValueError, match="resamples"):
         bootstrap_ap(gt, dets, resamples=0)
+
+
+def test_metrics_with_bootstrap_equal_the_two_calls():
+    images, dets = _random_case(np.random.default_rng(5), 15)
+    gt = _coco(images)
+    metrics, boot = coco_metrics_with_bootstrap(gt, dets, resamples=40, seed=2)
+    assert metrics == coco_metrics(gt, [dict(d) for d in dets])
+    assert boot == bootstrap_ap(gt, dets, resamples=40, seed=2)
+    assert "area" not in dets[0]  # the caller's result dicts are not touched by pycocotools
+    metrics, boot = coco_metrics_with_bootstrap(gt, [], resamples=3)
+    assert metrics["AP"] == 0.0 and boot["samples"]["AP"] == [0.0] * 3
+    with pytest.raises(ValueError, match="resamples"):
+        coco_metrics_with_bootstrap(gt, dets, resamples=0)
 
 
 def test_indices_and_interval():

@@ -102,8 +102,13 @@ def test_coco_evaluation_cross_check(tiny_set):
 def test_evaluate_reports_every_metric(tiny_set):
     val = builtin_dataset(tiny_set, "val")
     det = build_detector(model="spt_nano", detector="mask_rcnn", num_classes=val.num_classes, **SMALL)
-    result = evaluate_detection(det, val, batch_size=2)
+    result = evaluate_detection(det, val, batch_size=2, bootstrap=20, bootstrap_seed=1)
     assert result["images"] == 4
+    boot = result.pop("bbox_bootstrap")  # from the same matching as "bbox"
+    assert boot["AP"] == pytest.approx(result["bbox"]["AP"]) and boot["AP50"] == pytest.approx(
+        result["bbox"]["AP50"]
+    )
+    assert boot["images"] == 4 and len(boot["samples"]["AP"]) == 20
     for kind in ("bbox", "segm"):
         assert set(result[kind]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert set(result["keep"]) == {"stage3", "stage4"}

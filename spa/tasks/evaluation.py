@@ -22,6 +22,7 @@ from spa.tasks.metrics import (
     COCO_METRICS,
     coco_ground_truth,
     coco_metrics,
+    coco_metrics_with_bootstrap,
     mean_average_precision,
     to_coco_results,
     topk_accuracy,
@@ -93,6 +94,8 @@ def evaluate_detection(
     progress: bool = False,
     collate_fn: Callable | None = None,
     return_results: bool = False,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate an :class:`~spa.tasks.SPADetector` on an untransformed detection dataset (COCO json,
     built-in set, VOC, ...).
@@ -100,7 +103,9 @@ def evaluate_detection(
     Returns ``{"bbox": {...}, "segm": {...} (Mask R-CNN), "keep": {stage: {"object", "background"}},
     "gmacs": {"kept", "executed"}, "images": n}``; with ``return_results``, also ``"results": {"bbox": [...],
     "segm": [...]}``, the COCO result lists that were scored (dataset category ids; ``segm`` empty for
-    Faster R-CNN), as they were before pycocotools added its own fields to them.
+    Faster R-CNN), as they were before pycocotools added its own fields to them. With ``bootstrap`` resamples
+    (> 0), also ``"bbox_bootstrap"``: :func:`~spa.tasks.metrics.bootstrap_ap`'s intervals of box AP / AP50 over
+    the images (seed ``bootstrap_seed``), from the same pycocotools matching as ``"bbox"``.
     """
     from spa.data import collate_detection
 
@@ -132,7 +137,13 @@ def evaluate_detection(
         if tally is not None:
             tally.images += len(images)
     scored = {"bbox": [dict(b) for b in boxes], "segm": [dict(m) for m in masks]} if return_results else None
-    result: dict[str, Any] = {"images": seen, "bbox": coco_metrics(coco_gt, boxes, "bbox")}
+    result: dict[str, Any] = {"images": seen}
+    if bootstrap:
+        result["bbox"], result["bbox_bootstrap"] = coco_metrics_with_bootstrap(
+            coco_gt, boxes, "bbox", resamples=bootstrap, seed=bootstrap_seed
+        )
+    else:
+        result["bbox"] = coco_metrics(coco_gt, boxes, "bbox")
     if model.config.detector == "mask_rcnn":
         result["segm"] = coco_metrics(coco_gt, masks, "segm")
     result["keep"] = {

@@ -28,6 +28,7 @@ __all__ = [
     "bootstrap_indices",
     "coco_ground_truth",
     "coco_metrics",
+    "coco_metrics_with_bootstrap",
     "mean_average_precision",
     "percentile_interval",
     "prepare_bootstrap",
@@ -54,11 +55,31 @@ def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str = "bbox") -> d
     """
     if not results:
         return dict.fromkeys(COCO_METRICS, 0.0)
-    evaluator = _evaluated(coco_gt, results, iou_type)
+    return _summary(_evaluated(coco_gt, results, iou_type))
+
+
+def _summary(evaluator: Any) -> dict[str, float]:
+    """The six COCO numbers of an evaluated ``COCOeval`` (``accumulate`` + ``summarize``; the per-image matches
+    that :func:`ap_of_images` reads stay as they are)."""
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.accumulate()
         evaluator.summarize()
     return {k: float(v) for k, v in zip(COCO_METRICS, evaluator.stats[:6])}
+
+
+def coco_metrics_with_bootstrap(
+    coco_gt: Any,
+    results: list[dict],
+    iou_type: str = "bbox",
+    resamples: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """``(coco_metrics(...), bootstrap_ap(...))`` from one pycocotools matching of ``results`` (the same numbers
+    as the two calls, which would each match every detection again)."""
+    prepared = prepare_bootstrap(coco_gt, results, iou_type) if resamples >= 1 else None
+    boot = _bootstrap(prepared, len(coco_gt.getImgIds()), resamples, seed, level)
+    return (coco_metrics(coco_gt, results, iou_type) if prepared is None else _summary(prepared[0])), boot
 
 
 def coco_ground_truth(dataset: Any) -> tuple[Any, dict[int, int]]:
@@ -280,14 +301,20 @@ def bootstrap_ap(
     "resamples", "images", "samples": {"AP": [...], "AP50": [...]}}``; ``AP``/``AP50`` are the full set's
     (equal to :func:`coco_metrics`). No detections: every number 0.
     """
+    prepared = prepare_bootstrap(coco_gt, results, iou_type) if resamples >= 1 else None
+    return _bootstrap(prepared, len(coco_gt.getImgIds()), resamples, seed, level)
+
+
+def _bootstrap(
+    prepared: tuple[Any, list] | None, n_images: int, resamples: int, seed: int, level: float
+) -> dict[str, Any]:
+    """:func:`bootstrap_ap`'s result from :func:`prepare_bootstrap`'s evaluation (None: no detections)."""
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
-    n = len(coco_gt.getImgIds())
-    prepared = prepare_bootstrap(coco_gt, results, iou_type)
     if prepared is None:
         zeros = [0.0] * resamples
         return {"AP": 0.0, "AP50": 0.0, "ci95": {"AP": [0.0, 0.0], "AP50": [0.0, 0.0]},
-                "resamples": resamples, "images": n, "samples": {"AP": zeros, "AP50": zeros}}  # fmt: skip
+                "resamples": resamples, "images": n_images, "samples": {"AP": zeros, "AP50": zeros}}  # fmt: skip
     rows = bootstrap_indices(len(prepared[0].params.imgIds), resamples, seed)
     values = np.array([ap_of_images(prepared, r) for r in rows])
     samples = values[1:]
@@ -299,6 +326,6 @@ def bootstrap_ap(
             "AP50": percentile_interval(samples[:, 1], level),
         },
         "resamples": resamples,
-        "images": n,
+        "images": n_images,
         "samples": {"AP": samples[:, 0].tolist(), "AP50": samples[:, 1].tolist()},
     }
