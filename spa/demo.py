@@ -483,6 +483,12 @@ def _strip(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("results", "bootstrap_samples")}
 
 
+def _default_settings(cfg: dict[str, Any]) -> bool:
+    """Whether a run's config (``asdict(DemoConfig)``) is the default demo's, wherever it writes."""
+    default = asdict(DemoConfig())
+    return all(cfg.get(k) == v for k, v in default.items() if k not in ("out", "data_dir"))
+
+
 def _targets(report: dict[str, Any]) -> dict[str, Any]:
     """The issue's measured targets, checked on this run's numbers."""
     cfg = report["config"]
@@ -503,7 +509,13 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
         "kept_ratio_coverages": [lo_cov, hi_cov],
         "kept_met": kept <= 0.5,
         "minutes": report.get("minutes"),
-        "minutes_met": report.get("minutes", math.inf) <= 15,
+        # the 15-minute target counts a first run (pretraining included): a run that reused the cached init, or
+        # one at other settings than the defaults, does not decide it (None)
+        "minutes_met": (
+            report.get("minutes", math.inf) <= 15
+            if (report.get("pretrained") or {}).get("reused") is False and _default_settings(cfg)
+            else None
+        ),
     }
 
 
@@ -751,7 +763,14 @@ def render_report(report: dict) -> str:
             f"{yes(targets['ap_and_gmacs_met'])}.",
             f"- stage-3 kept ratio at coverage {lo} / at coverage {hi} = {targets['kept_stage3_ratio']:.3f} "
             f"(target <= 0.5): {yes(targets['kept_met'])}.",
-            f"- wall time {targets['minutes']:.1f} min (target <= 15 on 2 idle cores): {yes(targets['minutes_met'])}.",
+            f"- wall time {targets['minutes']:.1f} min (target <= 15 on 2 idle cores for a first run at the default "
+            f"settings, pretraining included): "
+            + (
+                yes(targets["minutes_met"])
+                if targets["minutes_met"] is not None
+                else "not decided by this run (cached init reused, or other settings)"
+            )
+            + ".",
         ]
     lines += [
         "",

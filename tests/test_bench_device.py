@@ -134,6 +134,27 @@ def test_cli_amp_choices(capsys):
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["block", "backbone"])
+def test_cli_backend_takes_a_comma_list(kind, capsys, monkeypatch):
+    import spa.bench.cli as bench_cli
+
+    seen = {}
+    fake = lambda **kwargs: seen.update(kwargs) or []  # noqa: E731  (records nothing: no timing here)
+    monkeypatch.setattr(bench_cli, f"bench_{kind}", fake)
+    monkeypatch.setattr(
+        bench_cli, "format_table" if kind == "block" else "format_backbone_table", lambda r: ""
+    )
+    assert main(["bench", kind, "--backend", "math, sdpa"]) == 0
+    assert seen["backend"] == ["math", "sdpa"]
+    assert main(["bench", kind]) == 0 and seen["backend"] == ["auto"]
+    with pytest.raises(SystemExit):
+        main(["bench", kind, "--backend", "math,flash"])
+    assert (
+        "backends are auto, math, sdpa, varlen, reference (comma list), got 'math,flash'"
+        in capsys.readouterr().err
+    )
+
+
 @pytest.mark.slow
 def test_bench_block_compiled():  # torch.compile: tens of seconds per graph
     records = bench_block(keep_ratios=(0.5,), layouts=("containers",), compile=True, **TINY_BLOCK)

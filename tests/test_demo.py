@@ -2,13 +2,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from spa.demo import DemoConfig, _sets, choose_keep_threshold, pretrain_backbone, render_report, run_demo
+from spa.demo import (
+    DemoConfig,
+    _default_settings,
+    _sets,
+    choose_keep_threshold,
+    pretrain_backbone,
+    render_report,
+    run_demo,
+)
 
 
 def _tiny(tmp_path, **overrides) -> DemoConfig:
@@ -73,6 +81,8 @@ def test_demo_writes_report_and_figures(tmp_path):
         assert row["AP_ci95"][0] <= row["AP"] <= row["AP_ci95"][1]
     assert saved["keep_threshold"]["chosen"][0]["keep_threshold"] in (0.3, 0.8)
     assert saved["targets"]["gmacs_ratio"] > 0
+    # a tiny run does not decide the 15-minute target of a first run at the default settings
+    assert saved["targets"]["minutes_met"] is None and "not decided by this run" in text
 
     # the pretraining images come from a disjoint seed: none equals a detection or coverage image
     data = tmp_path / "data" / "builtin"
@@ -98,6 +108,10 @@ def test_choose_keep_threshold():
 
 
 def test_full_config_and_cli_flags():
+    assert _default_settings(asdict(DemoConfig(out="elsewhere", data_dir="fresh")))
+    assert not _default_settings(asdict(DemoConfig(steps=5))) and not _default_settings(
+        asdict(DemoConfig.full())
+    )
     full = DemoConfig.full(steps=5)
     assert full.seeds == (0, 1, 2) and full.val_images >= 200 and full.steps == 5
     assert DemoConfig().val_images >= 200 and DemoConfig().bootstrap_resamples >= 200

@@ -30,6 +30,15 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _backends(text: str) -> list[str]:
+    """``--backend``: one attention backend or a comma list of them (timed in the same rounds)."""
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    bad = [b for b in names if b not in BACKENDS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"backends are {', '.join(BACKENDS)} (comma list), got {text!r}")
+    return names
+
+
 def _run_block(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,7 +178,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--layouts", default=",".join(LAYOUTS), help="packing layouts, comma list (default all)"
     )
     block.add_argument(
-        "--backend", default="auto", choices=BACKENDS, help="attention backend of the SPA block"
+        "--backend",
+        default=["auto"],
+        type=_backends,
+        help=f"attention backend(s) of the SPA block, comma list timed in the same rounds ({', '.join(BACKENDS)}; "
+        "default auto)",
     )
     block.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
     block.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -204,9 +217,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bb.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     bb.add_argument(
         "--backend",
-        default="auto",
-        choices=BACKENDS,
-        help="attention backend of the SPT's SPA blocks (default auto)",
+        default=["auto"],
+        type=_backends,
+        help=f"attention backend(s) of the SPT's SPA blocks, comma list timed in the same rounds "
+        f"({', '.join(BACKENDS)}; default auto)",
     )
     _device_flags(bb)
     _compile_flag(bb)
