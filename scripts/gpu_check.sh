@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # spa's GPU check (python -m spa.bench.gpu_check) with the machine's own Python, from the repository root.
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh            # on a machine with one NVIDIA GPU (about 5 minutes on an H200)
+#   OUT=/some/dir bash scripts/gpu_check.sh            # on a machine with one NVIDIA GPU (budget 450 s; never run on a GPU yet)
 #   bash scripts/gpu_check.sh --device cpu --small     # smoke test of the check on a CPU
 #
 # Writes results.json, summary.md and run.log under $OUT (default ./gpu_out); exit code 0 when every
