@@ -77,9 +77,8 @@ def coco_metrics_with_bootstrap(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """``(coco_metrics(...), bootstrap_ap(...))`` from one pycocotools matching of ``results`` (the same numbers
     as the two calls, which would each match every detection again)."""
-    prepared = prepare_bootstrap(coco_gt, results, iou_type) if resamples >= 1 else None
-    boot = _bootstrap(prepared, len(coco_gt.getImgIds()), resamples, seed, level)
-    return (coco_metrics(coco_gt, results, iou_type) if prepared is None else _summary(prepared[0])), boot
+    prepared, boot = _bootstrap(coco_gt, results, iou_type, resamples, seed, level)
+    return (dict.fromkeys(COCO_METRICS, 0.0) if prepared is None else _summary(prepared[0])), boot
 
 
 def coco_ground_truth(dataset: Any) -> tuple[Any, dict[int, int]]:
@@ -301,24 +300,26 @@ def bootstrap_ap(
     "resamples", "images", "samples": {"AP": [...], "AP50": [...]}}``; ``AP``/``AP50`` are the full set's
     (equal to :func:`coco_metrics`). No detections: every number 0.
     """
-    prepared = prepare_bootstrap(coco_gt, results, iou_type) if resamples >= 1 else None
-    return _bootstrap(prepared, len(coco_gt.getImgIds()), resamples, seed, level)
+    return _bootstrap(coco_gt, results, iou_type, resamples, seed, level)[1]
 
 
 def _bootstrap(
-    prepared: tuple[Any, list] | None, n_images: int, resamples: int, seed: int, level: float
-) -> dict[str, Any]:
-    """:func:`bootstrap_ap`'s result from :func:`prepare_bootstrap`'s evaluation (None: no detections)."""
+    coco_gt: Any, results: list[dict], iou_type: str, resamples: int, seed: int, level: float
+) -> tuple[tuple[Any, list] | None, dict[str, Any]]:
+    """``(prepare_bootstrap(...), bootstrap_ap(...))``: the one pycocotools matching (None without detections)
+    and the intervals resampled from it."""
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
+    n_images = len(coco_gt.getImgIds())
+    prepared = prepare_bootstrap(coco_gt, results, iou_type)
     if prepared is None:
         zeros = [0.0] * resamples
-        return {"AP": 0.0, "AP50": 0.0, "ci95": {"AP": [0.0, 0.0], "AP50": [0.0, 0.0]},
-                "resamples": resamples, "images": n_images, "samples": {"AP": zeros, "AP50": zeros}}  # fmt: skip
+        return None, {"AP": 0.0, "AP50": 0.0, "ci95": {"AP": [0.0, 0.0], "AP50": [0.0, 0.0]},
+                      "resamples": resamples, "images": n_images, "samples": {"AP": zeros, "AP50": zeros}}  # fmt: skip
     rows = bootstrap_indices(len(prepared[0].params.imgIds), resamples, seed)
     values = np.array([ap_of_images(prepared, r) for r in rows])
     samples = values[1:]
-    return {
+    return prepared, {
         "AP": float(values[0, 0]),
         "AP50": float(values[0, 1]),
         "ci95": {
