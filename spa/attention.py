@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from spa.layers import RowsLinear
 from spa.packing import Packed
 
 __all__ = [
@@ -697,9 +698,9 @@ class PackedAttention(nn.Module):
         self.head_dim = head_dim or dim // num_heads
         attn_dim = self.head_dim * num_heads
         self.backend = backend
-        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
+        self.qkv = RowsLinear(dim, attn_dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(attn_dim, dim)
+        self.proj = RowsLinear(attn_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(

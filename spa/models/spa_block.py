@@ -27,6 +27,7 @@ from spa.attention import (
     _resolve_backend,
 )
 from spa.gate import _DEFERRED_NAN_CHECKS, TokenGate, _nan_error
+from spa.layers import RowsLinear
 from spa.packing import LAYOUTS, Packed, _pack
 from spa.selection import Selection
 
@@ -294,6 +295,9 @@ class SPABlock(nn.Module):
         )  # fmt: skip
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        # the FFN runs on the kept rows: the GEMM orientation that is fast for few rows (``spa.layers``)
+        self.mlp.fc1 = RowsLinear.from_linear(self.mlp.fc1)
+        self.mlp.fc2 = RowsLinear.from_linear(self.mlp.fc2)
         self._geometry_cache: dict[tuple, WindowGeometry] = {}
         # the pair tables of the latest map: (key, tables); one entry, so that the shared cache's limits hold
         self._last_pair_tables: tuple[tuple, _PairTables | None] | None = None
