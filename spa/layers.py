@@ -11,8 +11,9 @@ For a whole stage-4 SPA block at batch 1 and keep ratio 0.3 (``spa bench block -
 --dim 768 --heads 24 --keep-ratios 1.0,0.3 --layouts containers``) the forward went from 0.972 to 0.830 of a
 dense Swin block. So the transposed form is used only below ``FEW_ROWS`` rows, for weights of at least
 ``FEW_ROWS_MIN_WEIGHT`` entries (smaller weights stay in cache and show no gap), in float32 on CPU, without
-autograd (inference) and outside ``torch.compile`` (which picks its own kernels). Set
-``spa.layers.FEW_ROWS = 0`` to turn it off.
+autograd (inference), without autocast (not measured there) and outside ``torch.compile`` (which picks its
+own kernels). At SPT-T's widths that is ``qkv``, ``fc1`` and ``fc2`` of the stage-4 blocks (``proj``'s
+768 x 768 weight is below the floor). Set ``spa.layers.FEW_ROWS = 0`` to turn it off.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ FEW_ROWS_MIN_WEIGHT = 2**20  # ... and weights of at least this many entries (76
 
 def few_rows_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``RowsLinear`` computes ``x @ weight.T`` as ``(weight @ x.T).T`` (see the module docstring)."""
+    # compiling first: a traced row count is symbolic, and testing it would add a guard (and a recompile when
+    # the kept-token count crosses ``FEW_ROWS``); then what is cheap to test before the shape
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return False
     return (
-        x.dim() == 2
-        and x.shape[0] < FEW_ROWS
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        x.dtype == torch.float32
         and weight.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[0] < FEW_ROWS
         and weight.numel() >= FEW_ROWS_MIN_WEIGHT
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()
     )
 
 

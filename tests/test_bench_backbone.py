@@ -28,7 +28,9 @@ def _check(records: list[dict]) -> None:
             assert r["dense_model"] == r["model"].replace("spt_", "swin_")
 
 
-def test_bench_backbone_quick():
+def test_bench_backbone_quick(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("MALLOC_")]:  # only what the allocator option sets
+        monkeypatch.delenv(key)
     records = bench_backbone(
         models=["spt_nano"], sizes=[64], batch_sizes=[2], keep_ratios=[1.0, 0.3], layouts=["containers"],
         rounds=1, warmup=0, memory=False,

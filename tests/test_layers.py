@@ -47,6 +47,8 @@ def test_few_rows_path_only_where_it_applies(small_weights):
         assert few_rows_applies(x, linear.weight)
         assert not few_rows_applies(x.double(), linear.weight.double())  # float32 only
         assert not few_rows_applies(x[None], linear.weight)  # 2-D rows only
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # not measured under autocast: F.linear
+            assert not few_rows_applies(x, linear.weight)
     # autograd records the product: F.linear, and its gradients
     assert not few_rows_applies(x, linear.weight)
     x.requires_grad_(True)
@@ -72,12 +74,19 @@ def test_spa_block_linear_layers_are_rows_linear_with_timm_names():
     assert {"attn.qkv.weight", "attn.proj.bias", "mlp.fc1.weight", "mlp.fc2.bias"} <= names
 
 
-def test_spa_block_same_output_with_and_without_few_rows_path(monkeypatch, small_weights):
+@pytest.mark.parametrize("ffn", ["kept", "all"])
+def test_spa_block_same_output_with_and_without_few_rows_path(monkeypatch, small_weights, ffn):
     torch.manual_seed(0)
-    block = SPABlock(dim=32, input_resolution=(7, 7), num_heads=2, select="topk", keep_ratio=0.3).eval()
+    block = SPABlock(dim=32, input_resolution=(7, 7), num_heads=2, select="topk", keep_ratio=0.3, ffn=ffn)
+    block.eval()
     x = torch.randn(1, 7, 7, 32)
+    taken = []
+    applies = layers.few_rows_applies
+    monkeypatch.setattr(layers, "few_rows_applies", lambda x, w: taken.append(applies(x, w)) or taken[-1])
     with torch.no_grad():
-        fast, _ = block(x)  # 15 kept rows: below FEW_ROWS
+        fast, _ = block(x)  # 15 kept rows (and 34 unkept for ffn='all'): the few-rows path below FEW_ROWS
+        # qkv, proj, fc1, fc2 on the kept rows took it; ffn='all' adds fc1, fc2 on the 34 unkept rows
+        assert taken == [True] * 4 + ([False] * 2 if ffn == "all" else [])
         monkeypatch.setattr(layers, "FEW_ROWS", 0)
         plain, _ = block(x)
     torch.testing.assert_close(fast, plain)

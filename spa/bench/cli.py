@@ -164,8 +164,9 @@ def _allocator_flag(parser: argparse.ArgumentParser) -> None:
         "--allocator",
         default="steady",
         choices=ALLOCATORS,
-        help="C allocator of the timing process: steady (glibc malloc keeps freed memory, so a step does not "
-        "fault in fresh pages) or default (the environment as it is; noisier on CPU) (default steady)",
+        help="C allocator of the timing process: steady (glibc malloc keeps freed blocks up to 32 MiB and never "
+        "trims its heap, so a step reuses the previous step's pages) or default (the environment as it is) "
+        "(default steady)",
     )
 
 
