@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ from conftest import write_spt_detector_checkpoint
 from PIL import Image
 
 from spa.bench import REQUIRED_KEYS, bench_backbone, format_backbone_table
-from spa.bench.timing import allocator_env
 from spa.cli import main
 
 
@@ -28,9 +26,7 @@ def _check(records: list[dict]) -> None:
             assert r["dense_model"] == r["model"].replace("spt_", "swin_")
 
 
-def test_bench_backbone_quick(monkeypatch):
-    for key in [k for k in os.environ if k.startswith("MALLOC_")]:  # only what the allocator option sets
-        monkeypatch.delenv(key)
+def test_bench_backbone_quick():
     records = bench_backbone(
         models=["spt_nano"], sizes=[64], batch_sizes=[2], keep_ratios=[1.0, 0.3], layouts=["containers"],
         rounds=1, warmup=0, memory=False,
@@ -45,21 +41,6 @@ def test_bench_backbone_quick(monkeypatch):
     assert low["gmacs_kept"] < full["gmacs_kept"] and low["gmacs_executed"] < full["gmacs_executed"]
     assert abs(low["kept_ratio_measured"] - 0.3) < 0.15 and full["kept_ratio_measured"] == 1.0
     assert "| spt_nano | 64 | 2 | topk | 0.30 | containers |" in format_backbone_table(records)
-    # the timing worker ran with the steady allocator settings (read off its own environment)
-    assert {r["env_allocator"] for r in records} == {"steady"}
-    assert {r["env_malloc"] for r in records} == {
-        " ".join(f"{k}={v}" for k, v in sorted(allocator_env("steady").items()))
-    }
-
-
-def test_bench_backbone_default_allocator_leaves_the_environment(monkeypatch):
-    for key in [k for k in os.environ if k.startswith("MALLOC_")]:
-        monkeypatch.delenv(key)
-    records = bench_backbone(
-        models=["swin_nano"], sizes=[64], batch_sizes=[1], rounds=1, warmup=0, memory=False,
-        allocator="default",
-    )  # fmt: skip
-    assert records[0]["env_allocator"] == "default" and records[0]["env_malloc"] is None
 
 
 def _check_memory(records: list[dict]) -> None:
@@ -118,7 +99,6 @@ def test_cli_quick_with_trained_gate(tmp_path):
         ({"keep_ratios": [0.0]}, "keep ratios"),
         ({"sizes": [8]}, "sizes"),
         ({"rounds": 0}, "rounds"),
-        ({"allocator": "jemalloc"}, "allocator must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from spa.bench.timing import allocator_env, environment, interleaved_rounds, median_ratio
-from spa.errors import ConfigError
+from spa.bench.timing import environment, interleaved_rounds, median_ratio
 
 
 def _recording(keys, log):
@@ -95,19 +92,3 @@ def test_median_ratio_pairs_rounds():
 
 def test_environment_keys():
     assert {"torch", "threads", "device", "processor", "python"} <= environment().keys()
-
-
-def test_allocator_env():
-    steady = allocator_env("steady")
-    assert steady == {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
-    assert allocator_env("default") == {}
-    with pytest.raises(ConfigError, match="allocator must be one of"):
-        allocator_env("jemalloc")
-
-
-def test_environment_reports_the_malloc_variables(monkeypatch):
-    for key in [k for k in os.environ if k.startswith("MALLOC_")]:
-        monkeypatch.delenv(key)
-    assert environment()["malloc"] is None
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "7")
-    assert environment()["malloc"] == "MALLOC_TRIM_THRESHOLD_=7"

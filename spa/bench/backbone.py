@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spa.attention import BACKENDS
-from spa.bench.timing import BenchDevice, allocator_env, pass_fields
+from spa.bench.timing import BenchDevice, pass_fields
 from spa.errors import ConfigError
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
@@ -271,7 +271,6 @@ def _run_worker(spec: dict, workdir: Path, name: str, quiet: bool = False) -> ob
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     threads = str(spec.get("threads", 2))
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    env.update(allocator_env(spec.get("allocator", "default")))
     cmd = [sys.executable, "-m", "spa.bench", "_worker", str(spec_path), str(out_path)]
     proc = subprocess.run(
         cmd, env=env, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True
@@ -299,7 +298,6 @@ def bench_backbone(
     backend: str | Sequence[str] = "auto",
     compile: bool = False,
     keep_threshold: float | None = None,
-    allocator: str = "steady",
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Benchmark whole backbones (``features_only`` SPT vs timm Swin of the same width); see the module docstring.
@@ -308,12 +306,9 @@ def bench_backbone(
     executed), train-step and inference images/s, peak memory (RSS on CPU, allocated GPU memory on CUDA), the
     time ratios to the dense baseline, the device, AMP mode and environment (``env_*``). ``keep_threshold``:
     the inference keep threshold of the checkpoint's gate (default: the one stored in the checkpoint).
-    ``allocator``: the C allocator settings of the timing processes (``spa.bench.timing.allocator_env``; the
-    peak-RSS processes keep the environment as it is).
     """
     import tempfile
 
-    allocator_env(allocator)  # checks the name before any work
     say = progress or (lambda msg: None)
     bench = BenchDevice.resolve(device, amp)
     backends = [backend] if isinstance(backend, str) else list(backend)
@@ -363,7 +358,7 @@ def bench_backbone(
                 common["images"] = image_paths
                 spec = {
                     **common, "mode": "time", "configs": configs, "rounds": rounds, "warmup": warmup,
-                    "device": str(bench.device), "amp": bench.amp, "compile": compile, "allocator": allocator,
+                    "device": str(bench.device), "amp": bench.amp, "compile": compile,
                 }  # fmt: skip
                 out = _run_worker(spec, workdir, f"time-{size}-{batch}")
                 rss: list[dict] = []
@@ -405,7 +400,6 @@ def _records(
     """The records of one timing worker's results (medians, img/s, ratios to dense, memory, environment)."""
     timed, batch = out["results"], spec["batch_size"]
     env = {**out["environment"], "threads": spec["threads"], "load_avg_1m": load}
-    env["allocator"] = spec.get("allocator", "default")
     records = []
     for i, dense, rec in _config_records(configs, timed):
         res, ref = timed[i], timed[dense]

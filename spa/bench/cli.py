@@ -12,7 +12,7 @@ from spa.attention import BACKENDS
 from spa.bench.backbone import SPT_KEEP_RATIOS, bench_backbone, format_backbone_table
 from spa.bench.block import bench_block, format_table
 from spa.bench.detector import DETECTOR_KEEP_RATIOS, DetectorHeads, bench_detector, format_detector_table
-from spa.bench.timing import ALLOCATORS, AMP_MODES, DEVICES, BenchDevice
+from spa.bench.timing import AMP_MODES, DEVICES, BenchDevice
 from spa.errors import ConfigError
 from spa.packing import LAYOUTS
 
@@ -84,7 +84,6 @@ def _run_backbone(args: argparse.Namespace) -> int:
         amp=args.amp,
         backend=args.backend,
         compile=args.compile,
-        allocator=args.allocator,
         progress=lambda msg: print(f"[bench backbone] {msg}", flush=True),
     )
     print(format_backbone_table(records))
@@ -126,7 +125,6 @@ def _run_detector(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         backend=args.backend,
-        allocator=args.allocator,
         progress=lambda msg: print(f"[bench detector] {msg}", flush=True),
     )
     print(format_detector_table(records))
@@ -156,17 +154,6 @@ def _compile_flag(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="torch.compile every timed model, the dense baseline too (spa.compile.compile_model; slow warm-up)",
-    )
-
-
-def _allocator_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--allocator",
-        default="steady",
-        choices=ALLOCATORS,
-        help="C allocator of the timing process: steady (glibc malloc keeps freed blocks up to 32 MiB and never "
-        "trims its heap, so a step reuses the previous step's pages) or default (the environment as it is) "
-        "(default steady)",
     )
 
 
@@ -237,7 +224,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _device_flags(bb)
     _compile_flag(bb)
-    _allocator_flag(bb)
     bb.add_argument(
         "--no-memory", action="store_true", help="skip the per-configuration peak-RSS processes (CPU only)"
     )
@@ -275,7 +261,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="attention backend of the SPT's SPA blocks (default auto)",
     )
     _device_flags(dt)
-    _allocator_flag(dt)
     dt.add_argument(
         "--quick", action="store_true", help="spt_nano, 128 px, batch 1, tiny heads, 3 rounds (for tests)"
     )

@@ -59,7 +59,7 @@ from torch import nn
 
 from spa.attention import BACKENDS
 from spa.bench.backbone import _backbone_configs, _config_records, _configure, _run_worker
-from spa.bench.timing import BenchDevice, allocator_env, median_ratio, pass_fields
+from spa.bench.timing import BenchDevice, median_ratio, pass_fields
 from spa.errors import ConfigError
 
 __all__ = [
@@ -320,7 +320,6 @@ def bench_detector(
     amp: str = "off",
     backend: str = "auto",
     seed: int = 0,
-    allocator: str = "steady",
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Benchmark whole detectors (SPT vs its dense Swin baseline, same heads); see the module docstring.
@@ -328,11 +327,9 @@ def bench_detector(
     Returns one record per (model, size, batch size, select, keep ratio): train-step and inference times,
     their ratios to the dense baseline, the dense backbone's share of the detector's time, backbone GMACs,
     kept ratio, RoI / detection counts, the heads, the device and AMP mode and the environment (``env_*``).
-    ``allocator``: the C allocator settings of the timing process (``spa.bench.timing.allocator_env``).
     """
     from spa.tasks.detection import DETECTORS
 
-    allocator_env(allocator)  # checks the name before any work
     say = progress or (lambda msg: None)
     heads = heads or DetectorHeads()
     heads.check()
@@ -364,7 +361,7 @@ def bench_detector(
                 spec = {
                     "mode": "detector", "size": size, "batch_size": batch, "threads": threads, "seed": seed,
                     "device": str(bench.device), "amp": bench.amp, "detector": detector, "heads": asdict(heads),
-                    "configs": configs, "rounds": rounds, "warmup": warmup, "allocator": allocator,
+                    "configs": configs, "rounds": rounds, "warmup": warmup,
                 }  # fmt: skip
                 out = _run_worker(spec, Path(tmp), f"detector-{size}-{batch}")
                 records += _records(configs, out, spec, bench, load)
@@ -374,7 +371,7 @@ def bench_detector(
 def _records(configs: list[dict], out: dict, spec: dict, bench: BenchDevice, load: float) -> list[dict]:
     """The records of one worker's results (medians, ratios to dense, backbone shares)."""
     timed, batch = out["results"], spec["batch_size"]
-    env = {**out["environment"], "load_avg_1m": load, "allocator": spec.get("allocator", "default")}
+    env = {**out["environment"], "load_avg_1m": load}
     records = []
     for i, dense, rec in _config_records(configs, timed):
         res, ref = timed[i], timed[dense]

@@ -17,7 +17,6 @@ timm / spa versions, the GPU's name and capability) from :func:`environment`.
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import random
 import statistics
@@ -31,11 +30,9 @@ import torch
 from spa.errors import ConfigError
 
 __all__ = [
-    "ALLOCATORS",
     "AMP_MODES",
     "DEVICES",
     "BenchDevice",
-    "allocator_env",
     "device_sync",
     "environment",
     "interleaved_rounds",
@@ -48,27 +45,6 @@ K = TypeVar("K", bound=Hashable)
 
 DEVICES = ("cpu", "cuda")
 AMP_MODES = ("off", "bf16")
-ALLOCATORS = ("steady", "default")
-
-# glibc malloc told to keep what is freed: blocks up to 32 MiB (its largest mmap threshold) come from the heap
-# and the heap is never trimmed, so a step reuses the pages of the previous one instead of faulting in fresh
-# ones (what jemalloc / tcmalloc setups for PyTorch on CPU do with their own options)
-_STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
-
-
-def allocator_env(allocator: str) -> dict[str, str]:
-    """Environment variables of a timing process for ``allocator`` (``ALLOCATORS``).
-
-    ``steady``: glibc's malloc keeps freed memory (``MALLOC_MMAP_THRESHOLD_`` at its 32 MiB maximum, no heap
-    trimming). With glibc's defaults a process returns freed blocks to the system and faults them in again at
-    the next step; on this project's 2-core machine that made the same backbone benchmark's batch-8 inference
-    ratio move between 0.73 and 0.82 from run to run, against 0.71-0.75 steady, and it slows the dense
-    baseline too (Swin-T batch 8 inference 437 -> 408 ms). ``default``: the environment as it is. Other C
-    libraries ignore these variables.
-    """
-    if allocator not in ALLOCATORS:
-        raise ConfigError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
-    return dict(_STEADY_MALLOC) if allocator == "steady" else {}
 
 
 def interleaved_rounds(
@@ -204,9 +180,6 @@ def environment(device: str | torch.device = "cpu") -> dict:
         "device_name": processor,
         "processor": processor,
         "python": platform.python_version(),
-        # what this process's C allocator was told (``allocator_env``), read off its own environment
-        "malloc": " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("MALLOC_"))
-        or None,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
