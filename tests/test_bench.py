@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+import spa.bench.block as block_bench
 from spa.bench import bench_block, format_table
+from spa.bench.timing import cache_evictor
 from spa.cli import main
 
 SMALL = {"batch_size": 2, "resolution": 7, "dim": 16, "num_heads": 2, "rounds": 2, "warmup": 1}
@@ -42,3 +46,38 @@ def test_cli_writes_json(tmp_path):
         ("containers", "fwd+bwd"),
     ]
     assert [r["backend"] for r in data["records"] if r["layout"] != "dense"] == ["sdpa", "sdpa"]
+
+
+def test_bench_block_evicts_caches_before_every_timed_call(monkeypatch):
+    made = []
+
+    def counting_evictor(megabytes, device):
+        evict = cache_evictor(megabytes, device)
+        calls = []
+        made.append((megabytes, calls))
+        if evict is None:
+            return None
+
+        def call():
+            calls.append(1)
+            evict()
+
+        return call
+
+    monkeypatch.setattr(block_bench, "cache_evictor", counting_evictor)
+    small = {**SMALL, "rounds": 3}
+    records = bench_block(keep_ratios=(0.3,), layouts=("containers",), evict_cache_mb=0.5, **small)
+    assert [m for m, _ in made] == [0.5]
+    assert len(made[0][1]) == 3 * len(records)  # every configuration, every round
+    assert all(r["evict_cache_mb"] == 0.5 for r in records)
+    made.clear()
+    assert all(
+        r["evict_cache_mb"] == 0.0 for r in bench_block(keep_ratios=(0.3,), layouts=("containers",), **SMALL)
+    )
+
+
+def test_cli_rejects_a_bad_eviction_size(capsys):
+    for bad in ("-1", "abc", "nan", "1e400", "5000"):
+        with pytest.raises(SystemExit):
+            main(["bench", "block", "--evict-cache-mb", bad])
+        assert "expected a size in MB from 0 to 4096" in capsys.readouterr().err

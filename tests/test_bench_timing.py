@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from spa.bench.timing import environment, interleaved_rounds, median_ratio
+from spa.bench.timing import CacheEvictor, cache_evictor, environment, interleaved_rounds, median_ratio
+from spa.errors import ConfigError
 
 
 def _recording(keys, log):
@@ -92,3 +93,35 @@ def test_median_ratio_pairs_rounds():
 
 def test_environment_keys():
     assert {"torch", "threads", "device", "processor", "python"} <= environment().keys()
+
+
+def test_before_each_runs_untimed_before_every_timed_call_and_not_in_warmup():
+    now, events = [0.0], []
+
+    def run():
+        events.append("run")
+        now[0] += 0.002
+
+    def before():
+        events.append("before")
+        now[0] += 1.0  # would show in the times if it were timed
+
+    times = interleaved_rounds(
+        {"a": run, "b": run}, rounds=3, warmup=2, clock=lambda: now[0], before_each=before
+    )
+    assert events[:4] == ["run"] * 4  # the warm-up calls come without it
+    assert events[4:] == ["before", "run"] * 6
+    assert all(t == pytest.approx(2.0) for ts in times.values() for t in ts)
+
+
+def test_cache_evictor_size_and_pass():
+    assert cache_evictor(0) is None
+    evict = cache_evictor(1.0)
+    assert isinstance(evict, CacheEvictor)
+    assert evict.buffer.numel() * evict.buffer.element_size() == 2**20
+    evict()
+    evict()
+    assert bool((evict.buffer == 2.0).all())  # every element read and written on each call
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="cache eviction size"):
+            cache_evictor(bad)

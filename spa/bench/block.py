@@ -13,6 +13,12 @@ call under bf16 autocast (the input stays float32, as an SPT's stage input under
 float32 norm). Several ``backend`` values are timed in the same rounds against the one dense block.
 ``compile=True`` wraps every block, the dense one too, in ``spa.compile.compile_model`` (warm-up includes the
 compilation).
+
+Cache state: by default a block is timed over and over with its weights and input in the caches, which a
+block inside a backbone never is (the blocks before it streamed their own). ``evict_cache_mb`` streams a
+buffer of that size through the caches before every timed call (``spa.bench.timing.cache_evictor``), untimed;
+at small batches this is what predicts the backbone (the fixed per-call work of the SPA block, many small
+ops, is the part that grows most when the caches are cold).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from torch import nn
 
 from spa.attention import BACKENDS
-from spa.bench.timing import BenchDevice, pass_fields
+from spa.bench.timing import BenchDevice, cache_evictor, pass_fields
 from spa.errors import ConfigError
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
@@ -73,6 +79,7 @@ def bench_block(
     device: str = "cpu",
     amp: str = "off",
     compile: bool = False,
+    evict_cache_mb: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Time an SPA block (gate, pack, attention, FFN on kept tokens, unpack) against timm's Swin block.
@@ -82,7 +89,8 @@ def bench_block(
     Returns one record per configuration with ``layout`` (``dense`` for timm), ``keep_ratio``, ``pass``,
     ``ms`` (median), ``ratio_to_dense``, ``padding_fraction``, ``containers``, ``kept_fraction`` (tokens
     actually kept: ``select='topk'`` keeps ``ceil(keep_ratio * H * W)`` per image), the attention
-    ``backend`` (SPA blocks), ``device``, ``amp``, ``compiled``, on CUDA ``peak_mem_mb``, and ``env_*``.
+    ``backend`` (SPA blocks), ``device``, ``amp``, ``compiled``, ``evict_cache_mb``, on CUDA ``peak_mem_mb``,
+    and ``env_*``.
     """
     from timm.models.swin_transformer import SwinTransformerBlock
 
@@ -95,6 +103,7 @@ def bench_block(
         raise ConfigError(f"passes must be 'fwd' and/or 'fwd+bwd', got {list(passes)}")
     torch.manual_seed(seed)
     dev = bench.device
+    evict = cache_evictor(evict_cache_mb, dev)  # checks the size before anything is built
     shift_size = window_size // 2 if shift else 0
     res = (resolution, resolution)
     dense = SwinTransformerBlock(dim, res, num_heads, window_size=window_size, shift_size=shift_size).to(dev)
@@ -135,7 +144,7 @@ def bench_block(
         for i, cfg in enumerate(configs):
             memory[i] = bench.peak_memory(cfg["run"])
     runs = {i: cfg["run"] for i, cfg in enumerate(configs)}
-    times = bench.rounds(runs, rounds, warmup=warmup, seed=seed, progress=progress)
+    times = bench.rounds(runs, rounds, warmup=warmup, seed=seed, progress=progress, before_each=evict)
     dense_index = {cfg["pass"]: i for i, cfg in enumerate(configs) if cfg["layout"] == "dense"}
     env = bench.environment()
     records = []
@@ -155,6 +164,7 @@ def bench_block(
             rounds=rounds,
             **bench.fields(),
             compiled=compile,
+            evict_cache_mb=evict_cache_mb,
             **{f"env_{k}": v for k, v in env.items()},
         )
         records.append(record)

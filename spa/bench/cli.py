@@ -30,6 +30,19 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+_MAX_EVICT_MB = 4096  # far beyond any cache; a typo of a few more digits is an error, not a huge allocation
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= _MAX_EVICT_MB:  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"expected a size in MB from 0 to {_MAX_EVICT_MB}, got {text!r}")
+    return value
+
+
 def _backends(text: str) -> list[str]:
     """``--backend``: one attention backend or a comma list of them (timed in the same rounds)."""
     names = [b.strip() for b in text.split(",") if b.strip()]
@@ -56,6 +69,7 @@ def _run_block(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         compile=args.compile,
+        evict_cache_mb=args.evict_cache_mb,
         progress=lambda msg: print(f"[bench block] {msg}", flush=True),
     )
     print(format_table(records))
@@ -186,6 +200,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     block.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
     block.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    block.add_argument(
+        "--evict-cache-mb",
+        type=_megabytes,
+        default=0.0,
+        metavar="MB",
+        help="stream a buffer of MB megabytes through the caches before every timed call, as the blocks before "
+        "it do inside a model (e.g. 64; default 0: timed with warm caches)",
+    )
     _device_flags(block)
     _compile_flag(block)
     block.set_defaults(func=_run_block)
