@@ -122,3 +122,57 @@ def test_keep_threshold_sets_the_checkpoint_gate(tmp_path):
         kept[threshold] = gate[0]["kept_ratio_measured"]
     assert kept["0.01"] > kept["0.99"]
     assert main([*argv, "--keep-threshold", "0.5"]) == 2  # no checkpoint: a one-line error
+
+
+def test_stage_times_per_stage_and_against_the_dense_stages():
+    records = bench_backbone(
+        models=["spt_nano"], sizes=[64], batch_sizes=[1], keep_ratios=[0.3], layouts=["containers"],
+        rounds=2, warmup=1, memory=False, stage_times=True,
+    )  # fmt: skip
+    _check(records)
+    dense, spt = records
+    for r in records:
+        assert len(r["infer_stage_ms"]) == 4 and all(ms > 0 for ms in r["infer_stage_ms"])
+        assert len(r["infer_stage_ratio_to_dense"]) == 4
+        assert "stage_rounds_ms" not in r
+    assert dense["infer_stage_ratio_to_dense"] == [1.0] * 4
+    assert all(v > 0 for v in spt["infer_stage_ratio_to_dense"])
+    table = format_backbone_table(records)
+    assert "infer t/dense per stage" in table and "| 1.000 / 1.000 / 1.000 / 1.000 |" in table
+    # without the option: no stage fields, no column
+    plain = bench_backbone(
+        models=["swin_nano"], sizes=[64], batch_sizes=[1], rounds=1, warmup=0, memory=False
+    )
+    assert "infer_stage_ms" not in plain[0] and "per stage" not in format_backbone_table(plain)
+
+
+def test_stage_clock_records_only_the_calls_it_times():
+    import torch
+    from torch import nn
+
+    from spa.bench.backbone import _StageClock
+
+    class TwoStages(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+        def forward(self, x):
+            for stage in self.layers:
+                x = stage(x)
+            return x
+
+    model, x, syncs = TwoStages(), torch.randn(2, 4), []
+    clock = _StageClock(lambda: syncs.append(1))
+    clock.attach(model)
+    clock.attach(model)  # once per model: no second set of hooks
+    timed = clock.timed(3, model, lambda: model(x))
+    model(x)  # an untimed call (e.g. a train step on the same model) records nothing
+    assert clock.calls == {} and syncs == []
+    timed()
+    timed()
+    assert list(clock.calls) == [3] and len(clock.calls[3]) == 2
+    assert all(len(call) == 2 and all(ms >= 0 for ms in call) for call in clock.calls[3])
+    assert len(syncs) == 2 * 2 * 2  # enter and leave of each stage, each call
+    with pytest.raises(Exception, match="stages"):
+        clock.attach(nn.Linear(2, 2))

@@ -32,6 +32,11 @@ baselines of the same width, random weights, drop path off) on random images.
   ``compile=True``: every model, the dense baselines too, goes through ``spa.compile.compile_model``, one
   compiled copy (same weights) per configuration so that switching configurations never recompiles.
   Records carry ``device``, ``amp``, ``backend``, ``compiled`` and ``env_*`` (GPU name, versions).
+- Stages (``stage_times=True``): every timed inference call also times each stage of the backbone (forward
+  pre/post hooks on ``model.layers[i]``; on CUDA a synchronisation at each stage boundary, which the whole-call
+  times then include); ``infer_stage_ms`` is the per-stage median over rounds and
+  ``infer_stage_ratio_to_dense`` the median over rounds of (stage time / the dense baseline's same stage in
+  the same round). The patch embedding and the feature-map outputs are outside every stage.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spa.attention import BACKENDS
-from spa.bench.timing import BenchDevice, pass_fields
+from spa.bench.timing import BenchDevice, median_ratio, pass_fields
 from spa.errors import ConfigError
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
@@ -155,6 +162,58 @@ def _infer_step(model: nn.Module, x: torch.Tensor, bench: BenchDevice | None = N
         model(x)
 
 
+class _StageClock:
+    """Per-stage times of the inference calls of the configurations that ``start`` them: forward pre/post hooks
+    on each stage of each model (``attach`` once per model); ``sync`` before every clock reading (CUDA)."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.current: list[float] | None = None  # the stage times of the call in progress
+        self.calls: dict[int, list[list[float]]] = {}  # configuration -> per call, per stage (ms)
+        self._attached: set[int] = set()
+
+    def attach(self, model: nn.Module) -> None:
+        if id(model) in self._attached:
+            return
+        self._attached.add(id(model))
+        for i, stage in enumerate(_stages(model)):
+            stage.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i))
+            stage.register_forward_hook(lambda _m, _a, _o, i=i: self._leave(i))
+
+    def _enter(self, i: int) -> None:
+        if self.current is not None:
+            self.sync()
+            self.current[i] = -time.perf_counter()
+
+    def _leave(self, i: int) -> None:
+        if self.current is not None:
+            self.sync()
+            self.current[i] = (self.current[i] + time.perf_counter()) * 1e3
+
+    def timed(self, index: int, model: nn.Module, run: Callable[[], None]) -> Callable[[], None]:
+        """``run``, recording the stage times of each call under configuration ``index``."""
+        count = len(_stages(model))
+
+        def call() -> None:
+            self.current = [0.0] * count
+            try:
+                run()
+            finally:
+                self.calls.setdefault(index, []).append(self.current)
+                self.current = None
+
+        return call
+
+
+def _stages(model: nn.Module) -> nn.Sequential | nn.ModuleList:
+    """The stages of a ``features_only`` backbone (SPT or timm Swin): ``model.model.layers``."""
+    inner = getattr(model, "model", model)
+    stages = getattr(inner, "layers", None)
+    if not isinstance(stages, (nn.Sequential, nn.ModuleList)):
+        raise ConfigError(f"stage times need a backbone with .layers stages, got {type(model).__name__}")
+    return stages
+
+
 def _rss_mb() -> float:
     import resource
 
@@ -189,6 +248,7 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
     models: dict[tuple, nn.Module] = {}
     results: list[dict] = []
     runs: dict[tuple[int, str], Callable[[], None]] = {}
+    stages = _StageClock(bench.sync) if spec.get("stage_times") else None
     for i, cfg in enumerate(spec["configs"]):
         key = (cfg["model"], cfg["select"] == "dense", cfg.get("checkpoint"))
         if key not in models:
@@ -215,6 +275,9 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
 
         runs[(i, "train_ms")] = run(_train_step)
         runs[(i, "infer_ms")] = run(_infer_step)
+        if stages is not None:
+            stages.attach(timed_model)
+            runs[(i, "infer_ms")] = stages.timed(i, timed_model, runs[(i, "infer_ms")])
         if bench.is_cuda:
             res.update({f"train_{k}": v for k, v in bench.peak_memory(runs[(i, "train_ms")]).items()})
             res.update({f"infer_{k}": v for k, v in bench.peak_memory(runs[(i, "infer_ms")]).items()})
@@ -223,6 +286,9 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
     times = bench.rounds(runs, spec["rounds"], spec["warmup"], spec.get("seed", 0), say)
     for (i, key), ms in times.items():
         results[i][key] = ms
+    if stages is not None:  # the timed rounds are each configuration's last calls (after its warm-up)
+        for i, calls in stages.calls.items():
+            results[i]["stage_rounds_ms"] = [list(ms) for ms in zip(*calls[-spec["rounds"] :])]
     return {"results": results, "environment": bench.environment()}
 
 
@@ -298,6 +364,7 @@ def bench_backbone(
     backend: str | Sequence[str] = "auto",
     compile: bool = False,
     keep_threshold: float | None = None,
+    stage_times: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Benchmark whole backbones (``features_only`` SPT vs timm Swin of the same width); see the module docstring.
@@ -306,6 +373,7 @@ def bench_backbone(
     executed), train-step and inference images/s, peak memory (RSS on CPU, allocated GPU memory on CUDA), the
     time ratios to the dense baseline, the device, AMP mode and environment (``env_*``). ``keep_threshold``:
     the inference keep threshold of the checkpoint's gate (default: the one stored in the checkpoint).
+    ``stage_times``: also ``infer_stage_ms`` / ``infer_stage_ratio_to_dense`` per stage (module docstring).
     """
     import tempfile
 
@@ -359,6 +427,7 @@ def bench_backbone(
                 spec = {
                     **common, "mode": "time", "configs": configs, "rounds": rounds, "warmup": warmup,
                     "device": str(bench.device), "amp": bench.amp, "compile": compile,
+                    "stage_times": stage_times,
                 }  # fmt: skip
                 out = _run_worker(spec, workdir, f"time-{size}-{batch}")
                 rss: list[dict] = []
@@ -408,6 +477,7 @@ def _records(
             size=spec["size"],
             batch_size=batch,
             **{k: v for k, v in res.items() if not k.endswith("_ms")},
+            **_stage_fields(res, ref),
             gmacs=res["gmacs_executed"],
             **pass_fields(res, ref, ("train", "infer"), batch),
             gmacs_kept_ratio_to_dense=round(res["gmacs_kept"] / ref["gmacs_kept"], 4),
@@ -426,6 +496,22 @@ def _records(
     return records
 
 
+def _stage_fields(res: dict, ref: dict) -> dict:
+    """``infer_stage_ms`` (median per stage) and ``infer_stage_ratio_to_dense`` (per-round ratios to the dense
+    baseline's same stage, median), when the stages were timed."""
+    mine, dense = res.get("stage_rounds_ms"), ref.get("stage_rounds_ms")
+    if mine is None or dense is None:
+        return {}
+    if len(mine) != len(dense):  # a different stage count has no stage-by-stage reference
+        ratios = [None] * len(mine)
+    else:
+        ratios = [round(median_ratio(m, d), 3) for m, d in zip(mine, dense)]
+    return {
+        "infer_stage_ms": [round(statistics.median(m), 3) for m in mine],
+        "infer_stage_ratio_to_dense": ratios,
+    }
+
+
 def format_backbone_table(records: list[dict]) -> str:
     """Markdown table of ``bench_backbone`` records (time ratios: SPT time / dense time, lower is faster); a
     backend column when several backends were timed, GPU peak memory (train step) on CUDA."""
@@ -434,6 +520,8 @@ def format_backbone_table(records: list[dict]) -> str:
     head = "| model | size | batch | select | keep | layout |" + (" backend |" if backends else "")
     head += " GMACs kept | GMACs exec | train img/s | infer img/s | train t/dense | infer t/dense |"
     head += " train peak GPU MB | infer peak GPU MB |" if gpu else " peak RSS MB |"
+    stages = any(r.get("infer_stage_ratio_to_dense") for r in records)
+    head += " infer t/dense per stage |" if stages else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         if gpu:
@@ -447,5 +535,10 @@ def format_backbone_table(records: list[dict]) -> str:
             + f" {r['gmacs_kept']:.3f} | {r['gmacs_executed']:.3f} | {r['train_img_s']:.2f} "
             f"| {r['infer_img_s']:.2f} | {r['train_ratio_to_dense']:.3f} | {r['infer_ratio_to_dense']:.3f} |"
             + memory
+            + (f" {_per_stage(r.get('infer_stage_ratio_to_dense'))} |" if stages else "")
         )
     return "\n".join(lines)
+
+
+def _per_stage(ratios: Sequence[float | None] | None) -> str:
+    return " / ".join("-" if v is None else f"{v:.3f}" for v in ratios or ())

@@ -98,6 +98,7 @@ def _run_backbone(args: argparse.Namespace) -> int:
         amp=args.amp,
         backend=args.backend,
         compile=args.compile,
+        stage_times=args.stage_times,
         progress=lambda msg: print(f"[bench backbone] {msg}", flush=True),
     )
     print(format_backbone_table(records))
@@ -248,6 +249,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _compile_flag(bb)
     bb.add_argument(
         "--no-memory", action="store_true", help="skip the per-configuration peak-RSS processes (CPU only)"
+    )
+    bb.add_argument(
+        "--stage-times",
+        action="store_true",
+        help="also time each stage of every inference call (forward hooks; columns infer_stage_ms, "
+        "infer_stage_ratio_to_dense; on CUDA a synchronisation per stage)",
     )
     bb.add_argument("--quick", action="store_true", help="fewer rounds, small sizes (for tests)")
     bb.add_argument("--json", help="write the list of records to this JSON file")
