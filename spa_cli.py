@@ -74,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"spa {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (
+        ValueError
+    ) as err:  # a value the library refuses (e.g. a keep threshold of 1.5): its message is enough
+        if debug:
+            raise
+        print(f"spa {args.command}: error: {err} (--debug shows where)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

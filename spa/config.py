@@ -95,7 +95,7 @@ class RunConfig:
     pretrained: str | None = _opt(
         None,
         "start the backbone from this file: a timm / Microsoft / mmdetection Swin checkpoint (.pth, .pt, "
-        ".safetensors) or an spa checkpoint or export (its backbone); the gates start fresh",
+        ".safetensors; the gates start fresh) or an spa checkpoint or export (its backbone, gates included)",
     )
     drop_path_rate: float = _opt(0.0, "stochastic depth rate of the backbone")
     grad_checkpointing: bool = _opt(False, "recompute backbone blocks in backward to save memory")
@@ -210,10 +210,34 @@ def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> RunCon
         unknown = sorted(set(loaded) - names)
         if unknown:
             raise ConfigError(f"config file {path}: unknown option(s) {unknown}")
+        loaded = {k: _yaml_value(k, v, path) for k, v in loaded.items()}
         values.update(absolute_paths(loaded, path.resolve().parent))  # a file's paths are relative to it
     values.update({k: v for k, v in overrides.items() if k in names and v is not None})
     values = {k: (None if v is NONE else v) for k, v in values.items()}
     return RunConfig(**values)
+
+
+def _yaml_value(name: str, value: Any, path: Path) -> Any:
+    """A YAML value of a number option as that number: PyYAML leaves ``1e-3`` a string (YAML 1.1 wants
+    ``1.0e-3``), and a value that is no number of the option's kind is a ``ConfigError`` naming the option."""
+    import typing
+
+    hint = str(typing.get_type_hints(RunConfig)[name])
+    kind = {"<class 'int'>": int, "int | None": int, "<class 'float'>": float, "float | None": float}.get(
+        hint
+    )
+    if kind is None or value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"config file {path}: {name} must be an integer, got {value!r}")
+        return int(value) if kind is int and isinstance(value, float) else value
+    try:
+        number = float(value) if isinstance(value, str) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or (kind is int and not number.is_integer()):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"config file {path}: {name} must be {what}, got {value!r}")
+    return int(number) if kind is int else number
 
 
 class _None:

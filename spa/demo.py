@@ -37,6 +37,7 @@ import torch
 from spa.bench.timing import environment, interleaved_rounds
 from spa.engine.checkpoint import atomic_write, save_checkpoint, write_json
 from spa.engine.pretrained import file_sha256
+from spa.errors import ConfigError
 
 __all__ = ["DemoConfig", "choose_keep_threshold", "gate_pass", "pretrain_backbone", "register", "run_demo"]
 
@@ -83,6 +84,26 @@ class DemoConfig:
     timing_rounds: int = 5
     bench_backbone: bool = True
     seed: int = 0  # seed of the generated sets and of the pretraining run
+
+    def __post_init__(self) -> None:
+        """Values that would only fail after the fine-tuning: refused up front (``ConfigError``)."""
+        from spa.models import is_spt_name
+
+        counts = {"train_images": self.train_images, "val_images": self.val_images, "steps": self.steps}
+        counts.update(batch_size=self.batch_size, bootstrap_resamples=self.bootstrap_resamples)
+        counts.update(threshold_images=self.threshold_images, timing_rounds=self.timing_rounds)
+        bad = {k: v for k, v in counts.items() if v < 1}
+        if bad:
+            raise ConfigError(f"demo: these must be >= 1: {bad}")
+        if not is_spt_name(self.model):
+            raise ConfigError(
+                f"demo: --model must be an SPT (spt_*; its dense baseline is trained beside it), got {self.model!r}"
+            )
+        values = [*self.thresholds, *([] if self.keep_threshold is None else [self.keep_threshold])]
+        if not self.thresholds or any(not 0.0 < t < 1.0 for t in values):
+            raise ConfigError(f"demo: keep thresholds must be in (0, 1), got {values}")
+        if any(not 0.0 < c <= 0.9 for c in (self.coverage, *self.coverages)):
+            raise ConfigError(f"demo: coverages must be in (0, 0.9], got {[self.coverage, *self.coverages]}")
 
     @classmethod
     def full(cls, **overrides: Any) -> DemoConfig:

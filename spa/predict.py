@@ -131,13 +131,14 @@ def _file_names(paths: Sequence[Path]) -> list[str]:
     return [p.relative_to(root).as_posix() for p in absolute]
 
 
-def _png_names(file_names: Sequence[str]) -> list[str]:
-    """``DIR/NAME.jpg`` -> ``DIR_NAME_pred.png``, made unique (``NAME_ID_pred.png``) when two images share a stem."""
+def _png_names(file_names: Sequence[str], suffix: str = "pred") -> list[str]:
+    """``DIR/NAME.jpg`` -> ``DIR_NAME_pred.png`` (``suffix``), made unique (``NAME_ID_pred.png``) when two images
+    share a stem."""
     taken: set[str] = set()
     out = []
     for i, name in enumerate(file_names, 1):
         stem = name.rsplit(".", 1)[0].replace("/", "_")
-        png = f"{stem}_pred.png" if f"{stem}_pred.png" not in taken else f"{stem}_{i}_pred.png"
+        png = f"{stem}_{suffix}.png" if f"{stem}_{suffix}.png" not in taken else f"{stem}_{i}_{suffix}.png"
         taken.add(png)
         out.append(png)
     return out

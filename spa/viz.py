@@ -273,12 +273,11 @@ def _image_paths(items: Sequence[str]) -> list[Path]:
     return paths
 
 
-def _load_image(path: Path) -> torch.Tensor:
-    from PIL import Image
+def _load_image(path: Path, context: str = "--images") -> torch.Tensor:
+    """An image file as float ``[3, H, W]`` in ``[0, 1]`` (``load_rgb``: one-line errors for unreadable files)."""
+    from spa.data.common import load_rgb
 
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return load_rgb(path, context).as_subclass(torch.Tensor)
 
 
 def _run_viz(args: argparse.Namespace) -> int:
@@ -291,14 +290,17 @@ def _run_viz(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.checkpoint} holds a dense {model.config.model}; it selects no tokens")
     if args.keep_threshold is not None:
         set_keep_threshold(model, args.keep_threshold)
+    from spa.predict import _file_names, _png_names
+
     paths = _image_paths(args.images)[: args.max_images]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in paths:
+    # DIR_NAME_selection.png, unique when two images share a name (as spa predict's drawings)
+    for path, png in zip(paths, _png_names(_file_names(paths), suffix="selection")):
         shown, selections, detections = model_selections(model, [_load_image(path)])
         det = detections[0]
         boxes = [det["boxes"][det["scores"] >= args.score_threshold]]
-        target = out / f"{path.stem}_selection.png"
+        target = out / png
         draw_selection_overlays(shown, selections, target, boxes=boxes, titles=[path.name])
         print(f"[spa viz] {path} -> {target}", flush=True)
     return 0

@@ -176,3 +176,16 @@ def test_stage_clock_records_only_the_calls_it_times():
     assert len(syncs) == 2 * 2 * 2  # enter and leave of each stage, each call
     with pytest.raises(Exception, match="stages"):
         clock.attach(nn.Linear(2, 2))
+
+
+def test_a_checkpoint_that_is_not_a_detector_is_one_clear_error(tmp_path):
+    from spa.engine.checkpoint import save_checkpoint
+    from spa.errors import ConfigError
+
+    path = save_checkpoint(
+        tmp_path / "ml.pt", {"model": {}, "meta": {"task": "multilabel", "classifier": {}}}
+    )
+    with pytest.raises(
+        ConfigError, match="'multilabel' checkpoint; --checkpoint takes a detection checkpoint"
+    ):
+        bench_backbone(models=["spt_nano"], sizes=[64], batch_sizes=[1], checkpoint=path, memory=False)

@@ -312,9 +312,10 @@ def test_train_classify_folder_and_unsupervised_label_list(tmp_path):
 
 def test_task_and_data_mismatch(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="use --task multilabel"):
-        main(_args(f"builtin:{tiny_set}", tmp_path / "x", "--task", "classify"))
+        main(["--debug", *_args(f"builtin:{tiny_set}", tmp_path / "x", "--task", "classify")])
     with pytest.raises(ValueError, match="use --task classify"):
-        main(_args(f"folder:{tmp_path}", tmp_path / "x", "--task", "multilabel"))
+        main(["--debug", *_args(f"folder:{tmp_path}", tmp_path / "x", "--task", "multilabel")])
+    assert main(_args(f"folder:{tmp_path}", tmp_path / "x", "--task", "multilabel")) == 2  # one line
     with pytest.raises(SystemExit):
         main(_args(f"builtin:{tiny_set}", tmp_path / "x", "--task", "segment"))
 

@@ -76,3 +76,44 @@ def test_every_flag_of_every_verb_has_a_help_sentence():
     assert not missing, missing
     train_help = build_parser(["train"])._subparsers._group_actions[0].choices["train"].format_help()
     assert "coco:ANNOTATIONS.json:IMAGES_DIR" in train_help and "spt_tiny" in train_help  # grammar, choices
+
+
+def test_a_value_the_library_refuses_is_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["data", "make", "--out", str(tmp_path / "d"), "--coverage", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spa data: error: coverage must be in (0, 0.9], got 2.0") and "Traceback" not in err
+    with pytest.raises(ValueError, match="coverage"):  # --debug: the exception itself
+        main(["--debug", "data", "make", "--out", str(tmp_path / "d"), "--coverage", "2"])
+
+
+def test_yaml_numbers_are_read_as_the_options_type(tmp_path):
+    from spa.config import resolve_config
+    from spa.errors import ConfigError
+
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 1e-3\nmax_steps: '12'\nkeep_threshold: 0.4\nclip_grad: null\n")
+    cfg = resolve_config(str(good), {})
+    assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.max_steps == 12 and cfg.clip_grad is None
+    for text, match in (("lr: fast\n", "lr must be a number, got 'fast'"),
+                        ("max_steps: 2.5\n", "max_steps must be an integer, got 2.5"),
+                        ("batch_size: true\n", "batch_size must be an integer")):  # fmt: skip
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            resolve_config(str(bad), {})
+
+
+def test_a_device_that_is_not_there_is_refused_before_the_run(monkeypatch, tmp_path, capsys):
+    from spa.engine.distributed import check_device
+    from spa.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device(None) == "cpu" and check_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        check_device("cuda:0")
+    with pytest.raises(ConfigError, match="not a device"):
+        check_device("gpu")
+    out = tmp_path / "run"
+    assert main(["train", "--data", "builtin", "--data-dir", str(tmp_path / "d"), "--device", "cuda",
+                 "--out", str(out), "--max-steps", "1"]) == 2  # fmt: skip
+    assert "CUDA is not available" in capsys.readouterr().err and not out.exists()  # nothing written

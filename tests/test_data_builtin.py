@@ -157,3 +157,27 @@ def test_end_to_end_loader_transforms_labels_loss(small_set):
     loss.backward()
     labels = batch_selection_labels(targets, hw, 16)
     assert labels.sum() > 0 and torch.equal(logits.grad < 0, labels > 0)
+
+
+def test_a_folder_with_other_data_is_never_overwritten(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "train").mkdir(parents=True)
+    ann = {"info": {"description": "my own labels"}, "images": [], "annotations": [], "categories": []}
+    (mine / "train" / "annotations.json").write_text(json.dumps(ann))
+    with pytest.raises(ValueError, match=r"not a built-in set \(train/annotations.json\)"):
+        ensure_builtin(mine, images=2, val_images=1, size=64)
+    assert json.loads((mine / "train" / "annotations.json").read_text()) == ann
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        make_builtin(other, images=2, val_images=1, size=64)
+    assert (other / "notes.txt").read_text() == "keep me" and not (other / "train").exists()
+    assert main(["data", "make", "--out", str(other), "--images", "2", "--val-images", "1"]) == 2
+
+
+def test_regenerating_with_other_settings_leaves_no_stale_images(tmp_path):
+    root = make_builtin(tmp_path / "set", images=5, val_images=2, size=64, seed=0)
+    make_builtin(root, images=2, val_images=1, size=64, seed=1)  # a built-in set: replaced
+    assert sorted(p.name for p in (root / "train" / "images").iterdir()) == ["000000.png", "000001.png"]
+    assert len(list((root / "val" / "images").iterdir())) == 1

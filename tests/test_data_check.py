@@ -70,3 +70,10 @@ def test_train_checks_the_data_before_step_one(broken, tmp_path):
     shutil.copytree(broken / "train", broken / "val")  # bad evaluation images are never skipped
     with pytest.raises(DatasetError, match="val"):
         run_training(RunConfig(**cfg, bad_images="skip", out=str(tmp_path / "c")), progress=False, log=False)
+
+
+def test_an_empty_split_is_a_problem(tmp_path, capsys):
+    root = make_builtin(tmp_path / "no_val", images=2, val_images=0, size=64, seed=4)
+    assert main(["data", "check", f"builtin:{root}"]) == 1
+    out = capsys.readouterr().out
+    assert "(train): 2 items, no problems" in out and "(val): no items (an empty split" in out

@@ -6,6 +6,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from spa.demo import (
@@ -146,3 +147,16 @@ def test_demo_backbone_bench_times_the_gate_at_the_chosen_threshold(tmp_path):
     chosen = report["keep_threshold"]["chosen"][0]["keep_threshold"]
     gate = [r for r in report["backbone_bench"] if r["select"] == "gate"]
     assert gate and all(r["keep_threshold"] == chosen for r in gate)
+
+
+def test_settings_that_would_fail_after_fine_tuning_are_refused_up_front(tmp_path, capsys):
+    from spa.cli import main
+    from spa.errors import ConfigError
+
+    for bad, match in (({"bootstrap_resamples": 0}, "bootstrap_resamples"), ({"val_images": 0}, "val_images"),
+                       ({"thresholds": (0.3, 1.5)}, "keep thresholds"), ({"keep_threshold": 0.0}, "keep thresholds"),
+                       ({"model": "swin_nano"}, "must be an SPT")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            _tiny(tmp_path, **bad)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--bootstrap-resamples", "0"]) == 2
+    assert "bootstrap_resamples" in capsys.readouterr().err and not (tmp_path / "d").exists()

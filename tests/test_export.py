@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from spa.cli import main
 from spa.config import RunConfig
-from spa.data import make_builtin
+from spa.data import BUILTIN_CLASSES, make_builtin
 from spa.engine import CheckpointError, save_checkpoint
 from spa.export import export_model, load_export
 from spa.tasks import build_detector
@@ -29,7 +29,9 @@ def tiny_set(tmp_path_factory) -> Path:
 
 
 def _classes(n: int) -> dict:
-    return {"names": [f"c{i}" for i in range(n)], "label_to_cat_id": {i: 10 * i for i in range(1, n + 1)}}
+    """The built-in set's class names (what the model is evaluated on), with made-up category ids."""
+    names = list(BUILTIN_CLASSES[:n]) + [f"c{i}" for i in range(len(BUILTIN_CLASSES), n)]
+    return {"names": names, "label_to_cat_id": {i: 10 * i for i in range(1, n + 1)}}
 
 
 def _checkpoint(path: Path, model: torch.nn.Module, task: str, run_config: RunConfig) -> Path:

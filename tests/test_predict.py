@@ -250,3 +250,54 @@ def test_compile_flag_compiles_the_loaded_model_before_the_first_batch(
         assert seen == []
         assert main([*argv, "--compile"]) == 0
     assert len(seen) == 1 and type(seen[0]).__name__ == "SPADetector"
+
+
+def test_eval_refuses_a_set_whose_category_ids_order_the_classes_differently(coco, faster, tmp_path):
+    ann, images = coco
+    data = json.loads(ann.read_text())
+    swapped = {3: 7, 7: 3}  # the same names, the ids swapped: label 1 would silently mean "dog"
+    for c in data["categories"]:
+        c["id"] = swapped[c["id"]]
+    for a in data["annotations"]:
+        a["category_id"] = swapped[a["category_id"]]
+    permuted = tmp_path / "permuted.json"
+    permuted.write_text(json.dumps(data))
+    argv = ["--debug", "eval", "--checkpoint", str(faster), "--data", f"coco:{permuted}:{images}", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(CheckpointError, match="same names in another order"):
+            main(argv)
+        renamed = json.loads(ann.read_text())
+        renamed["categories"][0]["name"] = "cow"
+        (tmp_path / "renamed.json").write_text(json.dumps(renamed))
+        argv[5] = f"coco:{tmp_path / 'renamed.json'}:{images}"
+        with pytest.raises(CheckpointError, match=r"unknown: \['cow'\]"):
+            main(argv)
+
+
+@pytest.mark.parametrize("where", ["out", "predictions"])
+def test_eval_output_paths_are_checked_before_evaluating(coco, faster, tmp_path, where, capsys):
+    ann, images = coco
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    argv = ["eval", "--checkpoint", str(faster), "--data", f"coco:{ann}:{images}", f"--{where}", str(folder)]
+    assert main(argv) == 2
+    err = capsys.readouterr()
+    assert f"--{where} {folder} is a folder" in err.err and "AP" not in err.out  # nothing was evaluated
+
+
+def test_training_refuses_a_validation_set_with_other_classes(coco, tmp_path):
+    from spa.config import RunConfig
+    from spa.tasks.base import get_task
+
+    ann, images = coco
+    data = json.loads(ann.read_text())
+    data["categories"][1]["name"] = "bird"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    cfg = RunConfig(data=f"coco:{ann}:{images}", val_data=f"coco:{other}:{images}", img_size=64)
+    with pytest.raises(ValueError, match=r"\(val\) has classes \['cat', 'bird'\].*unknown: \['bird'\]"):
+        get_task("detect").datasets(cfg)
+    cfg.val_data = cfg.data
+    train, val = get_task("detect").datasets(cfg)
+    assert list(val.class_names) == list(train.class_names) == ["cat", "dog"]

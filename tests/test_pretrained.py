@@ -118,8 +118,35 @@ def test_identical_runs_give_identical_losses_and_the_out_folder_is_guarded(data
     run_training(_cfg(data, tmp_path / "x"), evaluate=False, progress=False, log=False, overwrite=True)
     assert losses(tmp_path / "x") == losses(tmp_path / "y")  # replaced, not appended
     (tmp_path / "x" / "notes.txt").write_text("mine")
+    (tmp_path / "x" / "checkpoints" / "mine.pt").write_text("my own file")
     run_training(_cfg(data, tmp_path / "x"), evaluate=False, progress=False, log=False, overwrite=True)
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"  # only spa's own files are removed
+    assert (tmp_path / "x" / "checkpoints" / "mine.pt").read_text() == "my own file"
+    # a run that fails its checks removes nothing: the earlier run's checkpoint is still there
+    last = tmp_path / "x" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    for bad in ({"batch_size": 0}, {"data": "builtin:" + str(tmp_path / "nothing_here" / "sub")}):
+        cfg = _cfg(data, tmp_path / "x")
+        for key, value in bad.items():
+            setattr(cfg, key, value)
+        with pytest.raises((ValueError, OSError)):  # a ConfigError / a missing data folder
+            run_training(cfg, evaluate=False, progress=False, log=False, overwrite=True)
+        assert last.read_bytes() == before and (tmp_path / "x" / "metrics.jsonl").is_file()
+
+
+def test_a_refused_folder_suggests_resume_only_when_there_is_a_checkpoint(tmp_path):
+    from spa.engine.commands import check_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("a failed run")
+    with pytest.raises(RunFolderError) as err:
+        check_run_folder(out, None, False)
+    assert "--resume" not in str(err.value) and "--overwrite" in str(err.value)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.pt").write_bytes(b"x")
+    with pytest.raises(RunFolderError, match=r"--resume .*last\.pt"):
+        check_run_folder(out, None, False)
 
 
 def test_stored_data_paths_are_absolute_so_eval_runs_from_anywhere(data, tmp_path, monkeypatch):

@@ -85,6 +85,17 @@ def test_viz_cli_on_detection_checkpoint(tmp_path):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["im0_selection.png", "im1_selection.png"]
     assert all((out / p).read_bytes()[:8] == PNG for p in pngs)
+    # two images of the same name in two folders: two pictures, neither overwritten
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "im0.png").write_bytes((images / "im1.png").read_bytes())
+    out2 = tmp_path / "viz2"
+    assert main(["viz", "--checkpoint", str(ckpt), "--images", str(images / "im0.png"), str(other / "im0.png"),
+                 "--out", str(out2)]) == 0  # fmt: skip
+    assert sorted(p.name for p in out2.glob("*.png")) == [
+        "images_im0_selection.png",
+        "other_im0_selection.png",
+    ]
 
 
 def test_viz_cli_errors(tmp_path):

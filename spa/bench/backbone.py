@@ -401,7 +401,13 @@ def bench_backbone(
     if checkpoint is not None:
         from spa.engine.checkpoint import load_checkpoint
 
-        checkpoint_model = load_checkpoint(checkpoint)["meta"]["detector"]["model"]
+        meta = load_checkpoint(checkpoint).get("meta") or {}
+        if "detector" not in meta:
+            raise ConfigError(
+                f"{checkpoint} is a {meta.get('task', 'non-detection')!r} checkpoint; --checkpoint takes a "
+                "detection checkpoint (its backbone's trained gate)"
+            )
+        checkpoint_model = meta["detector"]["model"]
         from spa.models import is_spt_name
 
         if not is_spt_name(checkpoint_model):

@@ -99,6 +99,15 @@ def bench_block(
     bad = [b for b in backends if b not in BACKENDS]
     if not backends or bad:
         raise ConfigError(f"backend(s) must be in {BACKENDS}, got {list(backends)}")
+    sizes = {"batch_size": batch_size, "resolution": resolution, "dim": dim, "num_heads": num_heads}
+    sizes.update(window_size=window_size, rounds=rounds)
+    bad_sizes = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
+    if bad_sizes:
+        raise ConfigError(f"sizes must be integers >= 1, got {bad_sizes}")
+    if dim % num_heads:
+        raise ConfigError(f"dim must be a multiple of the heads, got dim {dim} and {num_heads} heads")
+    if any(not 0.0 < r <= 1.0 for r in keep_ratios) or not keep_ratios:
+        raise ConfigError(f"keep ratios must be in (0, 1], got {list(keep_ratios)}")
     if any(p not in ("fwd", "fwd+bwd") for p in passes):
         raise ConfigError(f"passes must be 'fwd' and/or 'fwd+bwd', got {list(passes)}")
     torch.manual_seed(seed)

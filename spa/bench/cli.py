@@ -13,6 +13,7 @@ from spa.bench.backbone import SPT_KEEP_RATIOS, bench_backbone, format_backbone_
 from spa.bench.block import bench_block, format_table
 from spa.bench.detector import DETECTOR_KEEP_RATIOS, DetectorHeads, bench_detector, format_detector_table
 from spa.bench.timing import AMP_MODES, DEVICES, BenchDevice
+from spa.engine.checkpoint import check_output_file
 from spa.errors import ConfigError
 from spa.packing import LAYOUTS
 
@@ -53,6 +54,7 @@ def _backends(text: str) -> list[str]:
 
 
 def _run_block(args: argparse.Namespace) -> int:
+    check_output_file(args.json, "--json")  # before the timing, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     records = bench_block(
@@ -62,7 +64,7 @@ def _run_block(args: argparse.Namespace) -> int:
         num_heads=args.heads,
         window_size=args.window,
         shift=args.shift,
-        keep_ratios=tuple(float(r) for r in args.keep_ratios.split(",")),
+        keep_ratios=tuple(_numbers(args.keep_ratios, float, "--keep-ratios")),
         layouts=tuple(args.layouts.split(",")),
         backend=args.backend,
         rounds=args.rounds,
@@ -80,6 +82,7 @@ def _run_block(args: argparse.Namespace) -> int:
 
 
 def _run_backbone(args: argparse.Namespace) -> int:
+    check_output_file(args.json, "--json")  # before the timing, not after it
     quick = args.quick
     records = bench_backbone(
         models=[m.strip() for m in args.models.split(",") if m.strip()],
@@ -116,6 +119,7 @@ def _numbers(text: str, kind: type, flag: str) -> list:
 
 
 def _run_detector(args: argparse.Namespace) -> int:
+    check_output_file(args.json, "--json")  # before the timing, not after it
     quick = args.quick
     models = args.models if args.models is not None else ("spt_nano" if quick else "spt_tiny,swin_tiny")
     records = bench_detector(

@@ -343,15 +343,46 @@ def make_builtin(
         raise ValueError("images and val_images must be >= 0")
     cfg = BuiltinConfig(images, val_images, size, coverage, seed, clutter)
     out = Path(out)
+    _check_replaceable(out)
     out.mkdir(parents=True, exist_ok=True)
     # written last: an interrupted run leaves no meta.json, so ensure_builtin never trusts a half-written set
     (out / "meta.json").unlink(missing_ok=True)
+    for split in ("train", "val"):  # the images of an earlier set with other settings
+        for stale in (out / split / "images").glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
+            stale.unlink()
     stats = {
         split: _make_split(out, split, k, n, cfg)
         for k, (split, n) in enumerate((("train", images), ("val", val_images)))
     }
     (out / "meta.json").write_text(json.dumps({"config": asdict(cfg), "stats": stats}, indent=2))
     return out
+
+
+_BUILTIN_ENTRIES = {"train", "val", "meta.json"}
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to generate into a folder that holds anything but a built-in set (``ValueError``): a user's own
+    data in the same layout must never be overwritten."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder for the built-in set")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _BUILTIN_ENTRIES)
+    for split in ("train", "val"):
+        annotations = out / split / "annotations.json"
+        if annotations.is_file():
+            try:
+                description = str(json.loads(annotations.read_text()).get("info", {}).get("description", ""))
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+                description = ""
+            if not description.startswith("spa built-in dataset"):
+                foreign.append(f"{split}/annotations.json")
+    if foreign:
+        raise ValueError(
+            f"{out} holds data that is not a built-in set ({', '.join(foreign[:5])}): not overwritten; pass an "
+            "empty or new folder (--data-dir / --out) for the built-in set"
+        )
 
 
 def ensure_builtin(out: str | Path, **kwargs) -> Path:

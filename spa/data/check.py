@@ -36,6 +36,8 @@ class DataReport:
         return [i for i, _ in self.problems]
 
     def summary(self, limit: int = 20) -> str:
+        if not self.items:
+            return f"{self.source}: no items (an empty split: nothing to train or evaluate on)"
         if not self.problems:
             return f"{self.source}: {self.items} items, no problems"
         lines = [f"{self.source}: {len(self.problems)} of {self.items} items have problems:"]

@@ -52,7 +52,7 @@ def _check(args: argparse.Namespace) -> int:
     for split, dataset in splits.items():
         report = check_dataset(dataset, args.mode, f"{args.spec} ({split})")
         print(report.summary(limit=args.limit))
-        bad += len(report.problems)
+        bad += len(report.problems) + (report.items == 0)  # an empty split is a problem too
     return 1 if bad else 0
 
 
@@ -84,7 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser(
         "check",
-        help="read every annotation and open every image of a data spec; list all problems (exit 1 if any)",
+        help="read every annotation and open every image of a data spec; list all problems (exit 1 if any, or "
+        "if a split is empty)",
         epilog=f"SPEC: {DATA_SPEC_HELP}",
     )
     c.add_argument("spec", help="a data spec, as spa train --data takes it")

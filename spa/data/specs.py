@@ -105,7 +105,8 @@ def open_detection_eval(spec: str, val_spec: str | None = None, builtin: Builtin
     COCO file has no split: it warns that it evaluates on the training annotations)."""
     if val_spec is None and spec.startswith("coco:"):
         warnings.warn(
-            f"{spec} has no split: evaluating on the training annotations (pass --val-data for a held-out set)",
+            f"{spec} has no split: evaluating on the training annotations (a held-out set: spa train --val-data "
+            "SPEC, spa eval --data SPEC)",
             stacklevel=3,
         )
     return open_detection(val_spec or spec, "val", None, builtin)
@@ -160,7 +161,14 @@ def check_classes(data: Any, classes: Sequence[str], source: str) -> None:
     """Raise ``ValueError`` unless ``data.class_names`` is exactly ``classes`` (the model's classes)."""
     if list(data.class_names) != list(classes):
         unknown = sorted(set(data.class_names) - set(classes))
+        reordered = not unknown and sorted(data.class_names) == sorted(classes)
         raise ValueError(
             f"{source} has classes {list(data.class_names)}, but the model was trained for {list(classes)}"
             + (f" (unknown: {unknown})" if unknown else "")
+            + (
+                " (the same names in another order: labels follow the order of the category ids, so give"
+                " each category the id it had in training)"
+                if reordered
+                else ""
+            )
         )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spa.errors import SpaError
+from spa.errors import ConfigError, SpaError
 
 __all__ = [
     "CheckpointError",
@@ -71,6 +71,19 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value
+
+
+def check_output_file(path: str | os.PathLike | None, flag: str) -> None:
+    """Refuse, before any work, an output file ``path`` that cannot be written: an existing folder, or a path
+    under a file (``ConfigError``, naming ``flag``). None: no output asked for."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name (e.g. {path / 'out.json'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
 def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> Path:

@@ -8,6 +8,7 @@ stored in every checkpoint, so ``spa eval`` finds the data the model was trained
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,14 @@ from typing import Any
 import torch
 
 from spa.config import TASKS, RunConfig, add_config_flags, resolve_config
-from spa.engine.checkpoint import CheckpointError, check_resumable, load_checkpoint, write_json
-from spa.engine.distributed import init_distributed
+from spa.engine.checkpoint import (
+    CheckpointError,
+    check_output_file,
+    check_resumable,
+    load_checkpoint,
+    write_json,
+)
+from spa.engine.distributed import check_device, init_distributed
 from spa.engine.trainer import TrainConfig, Trainer
 from spa.errors import SpaError
 from spa.gate import set_keep_threshold
@@ -60,26 +67,45 @@ class RunFolderError(SpaError, ValueError):
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "pretrained.json", "checkpoints", "tb")
+_CHECKPOINT_FILE = re.compile(r"(last|step_\d+)\.pt|\.(last|step_\d+)\.pt\..*\.tmp")  # and spa's temp files
 
 
-def prepare_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse a non-empty ``out`` unless resuming or ``overwrite``; ``overwrite`` removes the earlier run's
-    files (only those spa writes: ``RUN_FILES``)."""
+def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` unless resuming or ``overwrite`` (nothing is removed here)."""
+    if resume is not None or overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    last = out / "checkpoints" / "last.pt"
+    hint = f"--resume {last} to continue it, " if last.is_file() else ""
+    raise RunFolderError(
+        f"{out} is not empty (an earlier run?): pass {hint}--overwrite to start over in it, or another --out"
+    )
+
+
+def clear_run_folder(out: Path) -> None:
+    """``--overwrite``: remove the earlier run's files from ``out``, only those spa writes (``RUN_FILES``; in
+    ``checkpoints/`` only ``last.pt``, ``step_N.pt`` and their temporary files, so that a user's own files
+    there stay). Called once the new run's configuration, data and model have been checked."""
     import shutil
 
-    if resume is not None or not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise RunFolderError(
-            f"{out} is not empty (an earlier run?): pass --resume {out / 'checkpoints' / 'last.pt'} to continue "
-            "it, --overwrite to start over in it, or another --out"
-        )
     for name in RUN_FILES:
         target = out / name
-        if target.is_dir():
+        if name == "checkpoints" and target.is_dir():
+            for path in target.iterdir():
+                if path.is_file() and _CHECKPOINT_FILE.fullmatch(path.name):
+                    path.unlink()
+            if not any(target.iterdir()):
+                target.rmdir()
+        elif target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+
+
+def prepare_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
+    """``check_run_folder``, then (``overwrite``) ``clear_run_folder``."""
+    check_run_folder(out, resume, overwrite)
+    if overwrite and resume is None and out.is_dir():
+        clear_run_folder(out)
 
 
 def check_run_data(cfg: RunConfig, train_set: Any, val_set: Any, log: bool) -> Any:
@@ -140,8 +166,8 @@ def run_training(
     task = get_task(cfg.task)
     out = Path(cfg.out)
     dist_info = init_distributed(device)
-    if dist_info.is_main:
-        prepare_run_folder(out, resume, overwrite)
+    if dist_info.is_main:  # refused now; an --overwrite clears the folder only once the run is checked
+        check_run_folder(out, resume, overwrite)
     if resume is not None:  # before any data is read
         check_resumable(resume, load_checkpoint(resume))
     pretrained = read_pretrained(cfg.pretrained) if cfg.pretrained else None
@@ -150,6 +176,16 @@ def run_training(
     train_set, val_set = task.datasets(cfg)
     if dist_info.distributed and dist_info.is_main:
         torch.distributed.barrier()
+    if len(train_set) == 0 or (evaluate and len(val_set) == 0):
+        from spa.data import DatasetError
+
+        split, spec = (
+            ("training", cfg.data) if len(train_set) == 0 else ("validation", cfg.val_data or cfg.data)
+        )
+        raise DatasetError(
+            f"the {split} set of {spec} is empty"
+            + (" (--no-eval skips the evaluation)" if split == "validation" else "")
+        )
     train_set = check_run_data(cfg, train_set, val_set, log and dist_info.is_main)
     model_config = task.model_config(cfg, train_set)
     torch.manual_seed(cfg.seed)
@@ -160,9 +196,12 @@ def run_training(
     extra: dict[str, Any] = {"run_config": asdict(cfg), "classes": dataset_classes(train_set)}
     if report is not None:
         extra["pretrained"] = report.to_dict()
+    train_config = config_from(TrainConfig, cfg, out_dir=cfg.out, progress=progress)  # checks its values
     if dist_info.is_main:
         import yaml
 
+        if overwrite and resume is None and out.is_dir():
+            clear_run_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
         if report is not None:
@@ -171,7 +210,6 @@ def run_training(
             print(f"[spa train] {task.describe(model_config)} on {cfg.data} -> {out}", flush=True)
             if report is not None:
                 print(f"[spa train] {report.summary()}", flush=True)
-    train_config = config_from(TrainConfig, cfg, out_dir=cfg.out, progress=progress)
     trainer = Trainer(
         model,
         train_set,
@@ -219,6 +257,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     from spa.data.specs import DATA_SPEC_HELP, absolute_spec
     from spa.tasks.base import get_task, load_model
 
+    check_device(args.device)
+    check_output_file(args.out, "--out")  # before the evaluation, not after it
+    check_output_file(args.predictions, "--predictions")
     state = load_checkpoint(args.checkpoint)
     stored_task = (state.get("meta") or {}).get("task")
     if args.task is not None and stored_task != args.task:
@@ -251,9 +292,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         run_cfg.data, run_cfg.val_data = absolute_spec(args.data, Path.cwd()), None
     try:
         val_set = task.eval_dataset(run_cfg, model)
+        names = ((state.get("extra") or {}).get("classes") or {}).get("names")
+        if task_name == "detect" and names and getattr(val_set, "class_names", None):
+            from spa.data.specs import check_classes
+
+            check_classes(val_set, names, run_cfg.val_data or run_cfg.data)  # labels are matched by name
     except ValueError as err:
         raise CheckpointError(f"{args.checkpoint}: {err}") from err
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     if args.predictions:  # the same pass, with the COCO results it scored
         from spa.predict import coco_records
         from spa.tasks.evaluation import evaluate_detection

@@ -8,7 +8,25 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed"]
+from spa.errors import ConfigError
+
+__all__ = ["DistInfo", "check_device", "init_distributed"]
+
+
+def check_device(device: str | None) -> str:
+    """``device`` (default: ``cuda`` when available, else ``cpu``), refused with a ``ConfigError`` when it names
+    no device or a CUDA device on a machine without CUDA (instead of torch's error deep in the run)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: not a device (cpu, cuda, cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {device}: CUDA is not available on this machine (torch.cuda.is_available())"
+        )
+    return device
 
 
 @dataclass(frozen=True)
@@ -34,9 +52,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch.device(check_device(device))
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)

@@ -46,6 +46,7 @@ from spa.engine.checkpoint import (
     save_checkpoint,
 )
 from spa.engine.distributed import DistInfo, init_distributed
+from spa.errors import ConfigError
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "epoch_batches", "move_to"]
 
@@ -91,18 +92,18 @@ class TrainConfig:
         if isinstance(self.amp, bool):  # configs written before amp took a mode
             self.amp = "auto" if self.amp else "off"
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         for name in ("epochs", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int):
-            raise ValueError(f"keep_checkpoints must be an integer, got {self.keep_checkpoints!r}")
+            raise ConfigError(f"keep_checkpoints must be an integer, got {self.keep_checkpoints!r}")
         if self.keep_checkpoints < 0:
-            raise ValueError(f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+            raise ConfigError(f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0 and warmup_steps >= 0")
+            raise ConfigError("lr must be > 0 and warmup_steps >= 0")
 
 
 def epoch_batches(

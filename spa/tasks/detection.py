@@ -318,11 +318,15 @@ class DetectionTask:
     def datasets(self, cfg: Any) -> tuple[Any, Any]:
         """``(train, val)``: train with box-aware augmentation, val untransformed (evaluated at full size)."""
         from spa.data import detection_transforms
-        from spa.data.specs import open_detection
+        from spa.data.specs import check_classes, open_detection
 
         transforms = detection_transforms(train=True, size=cfg.img_size)
         train = open_detection(cfg.data, "train", transforms, cfg.builtin_options())
-        return train, self.eval_dataset(cfg)
+        val = self.eval_dataset(cfg)
+        names = getattr(train, "class_names", None)
+        if names and getattr(val, "class_names", None):  # a label means the same class in both splits
+            check_classes(val, names, f"{cfg.val_data or cfg.data} (val)")
+        return train, val
 
     def eval_dataset(self, cfg: Any, model: SPADetector | None = None) -> Any:
         """The evaluation set alone (no training split needed); checked against ``model``'s classes."""
