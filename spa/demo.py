@@ -91,7 +91,9 @@ class DemoConfig:
 
         counts = {"train_images": self.train_images, "val_images": self.val_images, "steps": self.steps}
         counts.update(batch_size=self.batch_size, bootstrap_resamples=self.bootstrap_resamples)
-        counts.update(threshold_images=self.threshold_images, timing_rounds=self.timing_rounds)
+        counts.update(timing_rounds=self.timing_rounds, seeds=len(self.seeds))
+        if self.keep_threshold is None:  # the threshold is chosen on training images
+            counts.update(threshold_images=self.threshold_images, thresholds=len(self.thresholds))
         bad = {k: v for k, v in counts.items() if v < 1}
         if bad:
             raise ConfigError(f"demo: these must be >= 1: {bad}")
@@ -100,7 +102,7 @@ class DemoConfig:
                 f"demo: --model must be an SPT (spt_*; its dense baseline is trained beside it), got {self.model!r}"
             )
         values = [*self.thresholds, *([] if self.keep_threshold is None else [self.keep_threshold])]
-        if not self.thresholds or any(not 0.0 < t < 1.0 for t in values):
+        if any(not 0.0 < t < 1.0 for t in values):
             raise ConfigError(f"demo: keep thresholds must be in (0, 1), got {values}")
         if any(not 0.0 < c <= 0.9 for c in (self.coverage, *self.coverages)):
             raise ConfigError(f"demo: coverages must be in (0, 0.9], got {[self.coverage, *self.coverages]}")

@@ -91,12 +91,15 @@ def test_yaml_numbers_are_read_as_the_options_type(tmp_path):
     from spa.errors import ConfigError
 
     good = tmp_path / "good.yaml"
-    good.write_text("lr: 1e-3\nmax_steps: '12'\nkeep_threshold: 0.4\nclip_grad: null\n")
+    good.write_text("lr: 1e-3\nmax_steps: '12'\nkeep_threshold: 0.4\nclip_grad: null\nmin_size: none\n")
     cfg = resolve_config(str(good), {})
     assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.max_steps == 12 and cfg.clip_grad is None
+    assert cfg.min_size is None  # "none", as the flags take it
     for text, match in (("lr: fast\n", "lr must be a number, got 'fast'"),
                         ("max_steps: 2.5\n", "max_steps must be an integer, got 2.5"),
-                        ("batch_size: true\n", "batch_size must be an integer")):  # fmt: skip
+                        ("batch_size: true\n", "batch_size must be an integer"),
+                        ("lr: .nan\n", "lr must be a finite number"), ("lr: 'inf'\n", "lr must be a number"),
+                        ("batch_size: none\n", "batch_size must be an integer")):  # fmt: skip
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ConfigError, match=match):

@@ -164,7 +164,9 @@ def test_a_folder_with_other_data_is_never_overwritten(tmp_path):
     (mine / "train").mkdir(parents=True)
     ann = {"info": {"description": "my own labels"}, "images": [], "annotations": [], "categories": []}
     (mine / "train" / "annotations.json").write_text(json.dumps(ann))
-    with pytest.raises(ValueError, match=r"not a built-in set \(train/annotations.json\)"):
+    with pytest.raises(
+        ValueError, match=r"not a built-in set \(train/annotations\.json, described as 'my own labels'\)"
+    ):
         ensure_builtin(mine, images=2, val_images=1, size=64)
     assert json.loads((mine / "train" / "annotations.json").read_text()) == ann
     other = tmp_path / "other"
@@ -181,3 +183,20 @@ def test_regenerating_with_other_settings_leaves_no_stale_images(tmp_path):
     make_builtin(root, images=2, val_images=1, size=64, seed=1)  # a built-in set: replaced
     assert sorted(p.name for p in (root / "train" / "images").iterdir()) == ["000000.png", "000001.png"]
     assert len(list((root / "val" / "images").iterdir())) == 1
+
+
+def test_the_guard_looks_inside_the_splits_and_ignores_hidden_files(tmp_path):
+    classes = tmp_path / "classes"  # an image-folder classification set: no annotations.json anywhere
+    for split in ("train", "val"):
+        (classes / split / "cat").mkdir(parents=True)
+        (classes / split / "cat" / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="train/cat"):
+        make_builtin(classes, images=1, val_images=1, size=64)
+    assert not (classes / "train" / "images").exists() and not (classes / "meta.json").exists()
+    root = make_builtin(tmp_path / "set", images=2, val_images=1, size=64)
+    (root / ".DS_Store").write_bytes(b"")
+    (root / "train" / "images" / ".ipynb_checkpoints").mkdir()
+    make_builtin(root, images=1, val_images=1, size=64, seed=5)  # still a built-in set
+    (root / "val" / "annotations.json").write_text('{"info": {"descr')  # cut off (not written by spa now)
+    with pytest.raises(ValueError, match=r"val/annotations\.json, unreadable"):
+        make_builtin(root, images=1, val_images=1, size=64)

@@ -158,5 +158,10 @@ def test_settings_that_would_fail_after_fine_tuning_are_refused_up_front(tmp_pat
                        ({"model": "swin_nano"}, "must be an SPT")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             _tiny(tmp_path, **bad)
+    assert (
+        _tiny(tmp_path, keep_threshold=0.4, thresholds=(), threshold_images=0).keep_threshold == 0.4
+    )  # unused
+    with pytest.raises(ConfigError, match="seeds"):
+        _tiny(tmp_path, seeds=())
     assert main(["demo", "--out", str(tmp_path / "d"), "--bootstrap-resamples", "0"]) == 2
     assert "bootstrap_resamples" in capsys.readouterr().err and not (tmp_path / "d").exists()

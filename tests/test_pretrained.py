@@ -147,6 +147,24 @@ def test_a_refused_folder_suggests_resume_only_when_there_is_a_checkpoint(tmp_pa
     (out / "checkpoints" / "last.pt").write_bytes(b"x")
     with pytest.raises(RunFolderError, match=r"--resume .*last\.pt"):
         check_run_folder(out, None, False)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(RunFolderError, match="is a file, not a run folder"):
+        check_run_folder(tmp_path / "a_file", None, True)
+
+
+def test_overwrite_removes_spa_temp_files_and_leaves_the_rest(tmp_path):
+    from spa.engine.commands import clear_run_folder
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    spa_files = ["config.yaml", ".eval.json.ab12cd34.tmp", "checkpoints/last.pt", "checkpoints/step_000050.pt",
+                 "checkpoints/.last.pt.x1y2z3w4.tmp"]  # fmt: skip
+    mine = ["notes.txt", "checkpoints/best.pt", ".my_hidden_note"]
+    for name in spa_files + mine:
+        (out / name).write_text(name)
+    clear_run_folder(out)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == sorted(mine)
 
 
 def test_stored_data_paths_are_absolute_so_eval_runs_from_anywhere(data, tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -321,7 +323,10 @@ def _make_split(out: Path, split: str, split_idx: int, n: int, cfg: BuiltinConfi
             {"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(BUILTIN_CLASSES)
         ],
     }
-    (out / split / "annotations.json").write_text(json.dumps(coco))
+    # atomically: a run killed while writing leaves no truncated file (which would look like someone else's data)
+    tmp = out / split / ".annotations.json.tmp"
+    tmp.write_text(json.dumps(coco))
+    os.replace(tmp, out / split / "annotations.json")
     return {"images": n, "objects": len(anns), "mean_coverage": float(np.mean(covered)) if covered else 0.0}
 
 
@@ -359,29 +364,43 @@ def make_builtin(
 
 
 _BUILTIN_ENTRIES = {"train", "val", "meta.json"}
+_SPLIT_ENTRIES = {"images", "annotations.json"}
+_IMAGE_NAME = re.compile(r"\d{6}\.png")
+
+
+def _visible(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]  # .DS_Store, .ipynb_checkpoints...
 
 
 def _check_replaceable(out: Path) -> None:
-    """Refuse to generate into a folder that holds anything but a built-in set (``ValueError``): a user's own
-    data in the same layout must never be overwritten."""
+    """Refuse to generate into a folder that holds anything but a built-in set, whole or half-written
+    (``ValueError``): a user's own data must never be overwritten or added to."""
     if not out.exists():
         return
     if not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder for the built-in set")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _BUILTIN_ENTRIES)
+    foreign = [p.name for p in _visible(out) if p.name not in _BUILTIN_ENTRIES]
     for split in ("train", "val"):
-        annotations = out / split / "annotations.json"
+        folder = out / split
+        if not folder.is_dir():
+            continue
+        foreign += [f"{split}/{p.name}" for p in _visible(folder) if p.name not in _SPLIT_ENTRIES]
+        if (folder / "images").is_dir():
+            names = [p.name for p in _visible(folder / "images")]
+            foreign += [f"{split}/images/{n}" for n in names if not _IMAGE_NAME.fullmatch(n)]
+        annotations = folder / "annotations.json"
         if annotations.is_file():
             try:
                 description = str(json.loads(annotations.read_text()).get("info", {}).get("description", ""))
+                what = f"described as {description!r}"
             except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-                description = ""
+                description, what = "", "unreadable"
             if not description.startswith("spa built-in dataset"):
-                foreign.append(f"{split}/annotations.json")
+                foreign.append(f"{split}/annotations.json, {what}")
     if foreign:
         raise ValueError(
-            f"{out} holds data that is not a built-in set ({', '.join(foreign[:5])}): not overwritten; pass an "
-            "empty or new folder (--data-dir / --out) for the built-in set"
+            f"{out} holds data that is not a built-in set ({', '.join(sorted(foreign)[:5])}): not overwritten; "
+            "pass an empty or new folder (--data-dir / --out) for the built-in set"
         )
 
 

@@ -157,13 +157,16 @@ def open_classification(
     return data
 
 
-def check_classes(data: Any, classes: Sequence[str], source: str) -> None:
-    """Raise ``ValueError`` unless ``data.class_names`` is exactly ``classes`` (the model's classes)."""
+def check_classes(
+    data: Any, classes: Sequence[str], source: str, reference: str = "the model was trained for"
+) -> None:
+    """Raise ``ValueError`` unless ``data.class_names`` is exactly ``classes`` (the model's classes; ``reference``
+    says whose they are in the message)."""
     if list(data.class_names) != list(classes):
         unknown = sorted(set(data.class_names) - set(classes))
         reordered = not unknown and sorted(data.class_names) == sorted(classes)
         raise ValueError(
-            f"{source} has classes {list(data.class_names)}, but the model was trained for {list(classes)}"
+            f"{source} has classes {list(data.class_names)}, but {reference} {list(classes)}"
             + (f" (unknown: {unknown})" if unknown else "")
             + (
                 " (the same names in another order: labels follow the order of the category ids, so give"

@@ -72,6 +72,8 @@ _CHECKPOINT_FILE = re.compile(r"(last|step_\d+)\.pt|\.(last|step_\d+)\.pt\..*\.t
 
 def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
     """Refuse a non-empty ``out`` unless resuming or ``overwrite`` (nothing is removed here)."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a run folder")
     if resume is not None or overwrite or not out.is_dir() or not any(out.iterdir()):
         return
     last = out / "checkpoints" / "last.pt"
@@ -89,6 +91,8 @@ def clear_run_folder(out: Path) -> None:
 
     for name in RUN_FILES:
         target = out / name
+        for tmp in out.glob(f".{name}.*.tmp"):  # a write that was cut off (atomic_write's temporary file)
+            tmp.unlink()
         if name == "checkpoints" and target.is_dir():
             for path in target.iterdir():
                 if path.is_file() and _CHECKPOINT_FILE.fullmatch(path.name):
@@ -166,8 +170,9 @@ def run_training(
     task = get_task(cfg.task)
     out = Path(cfg.out)
     dist_info = init_distributed(device)
-    if dist_info.is_main:  # refused now; an --overwrite clears the folder only once the run is checked
-        check_run_folder(out, resume, overwrite)
+    # refused now, on every rank (read-only; a refusal on rank 0 alone would leave the others at a barrier); an
+    # --overwrite clears the folder only once the run is checked
+    check_run_folder(out, resume, overwrite)
     if resume is not None:  # before any data is read
         check_resumable(resume, load_checkpoint(resume))
     pretrained = read_pretrained(cfg.pretrained) if cfg.pretrained else None

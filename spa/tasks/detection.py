@@ -325,7 +325,7 @@ class DetectionTask:
         val = self.eval_dataset(cfg)
         names = getattr(train, "class_names", None)
         if names and getattr(val, "class_names", None):  # a label means the same class in both splits
-            check_classes(val, names, f"{cfg.val_data or cfg.data} (val)")
+            check_classes(val, names, f"{cfg.val_data or cfg.data} (val)", "the training set has")
         return train, val
 
     def eval_dataset(self, cfg: Any, model: SPADetector | None = None) -> Any:
