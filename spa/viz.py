@@ -42,7 +42,7 @@ __all__ = [
     "stage_keep_maps",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def stage_keep_maps(selections: Sequence[Selection]) -> list[tuple[int, int, torch.Tensor]]:
@@ -259,11 +259,16 @@ def model_selections(
 
 
 def _image_paths(items: Sequence[str]) -> list[Path]:
+    """The image files of ``items``: files as given, folders searched with their sub-folders (an ImageFolder
+    layout, ``ROOT/CLASS/*.jpg``, included) for ``IMAGE_SUFFIXES``, hidden ones skipped."""
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            paths.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
+            found = (q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            paths.extend(
+                sorted(q for q in found if not any(part.startswith(".") for part in q.relative_to(p).parts))
+            )
         elif p.is_file():
             paths.append(p)
         else:

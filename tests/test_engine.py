@@ -288,3 +288,17 @@ def test_bad_config():
         TrainConfig(keep_checkpoints=-1)
     with pytest.raises(ValueError, match="keep_checkpoints must be an integer"):
         TrainConfig(keep_checkpoints=1.5)
+
+
+def test_resume_of_another_configuration_names_the_fields_that_differ(tmp_path):
+    meta = {**META, "detector": {"model": "spt_nano", "selection_alpha": 0.5, "img_size": 64}}
+    first = Trainer(Toy(), NoisyData(), collate, TrainConfig(out_dir=str(tmp_path / "m"), max_steps=3,
+                    batch_size=3, progress=False), meta, dist_info=SINGLE)  # fmt: skip
+    first.train()
+    other_meta = {**META, "detector": {"model": "spt_nano", "selection_alpha": 1.0, "img_size": 64}}
+    other = Trainer(Toy(), NoisyData(), collate, TrainConfig(out_dir=str(tmp_path / "n"), max_steps=3,
+                    batch_size=3, progress=False), other_meta, dist_info=SINGLE)  # fmt: skip
+    with pytest.raises(
+        CheckpointError, match=r"detector\.selection_alpha: 0\.5 \(checkpoint\) vs 1\.0 \(this run\)$"
+    ):
+        other.resume(tmp_path / "m" / "checkpoints" / "last.pt")

@@ -141,3 +141,15 @@ def test_viz_cli_errors(tmp_path):
                 "x",
             ]
         )
+
+
+def test_image_folders_are_searched_with_their_sub_folders(tmp_path):
+    from spa.viz import _image_paths
+
+    rgb = (np.random.rand(8, 8, 3) * 255).astype(np.uint8)
+    for rel in ("cat/a.png", "dog/b.tif", "dog/deeper/c.JPG", ".hidden/d.png", "e.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(tmp_path / rel, format="TIFF" if rel.endswith(".tif") else "PNG")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    found = [p.relative_to(tmp_path).as_posix() for p in _image_paths([str(tmp_path)])]
+    assert found == ["cat/a.png", "dog/b.tif", "dog/deeper/c.JPG", "e.png"]

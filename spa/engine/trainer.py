@@ -106,6 +106,20 @@ class TrainConfig:
             raise ConfigError("lr must be > 0 and warmup_steps >= 0")
 
 
+def _differences(theirs: dict, ours: dict, prefix: str = "") -> list[str]:
+    """``key: checkpoint value vs this run's`` for every differing leaf of two nested dicts (dotted keys)."""
+    out = []
+    for key in sorted(set(theirs) | set(ours), key=str):
+        a, b = theirs.get(key), ours.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}: {a!r} (checkpoint) vs {b!r} (this run)")
+    return out
+
+
 def epoch_batches(
     num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
 ) -> list[list[int]]:
@@ -343,11 +357,10 @@ class Trainer:
         state = load_checkpoint(path)
         check_resumable(path, state)
         if state.get("meta") != self.meta:
-            theirs, ours = state.get("meta") or {}, self.meta
-            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            diff = _differences(state.get("meta") or {}, self.meta)
             raise CheckpointError(
-                f"{path} was written for another model or configuration (differs in {diff}: "
-                f"checkpoint {[theirs.get(k) for k in diff]} vs this run {[ours.get(k) for k in diff]})"
+                f"{path} was written for another model or configuration: {'; '.join(diff[:8])}"
+                + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
             )
         config = state.get("config") or {}
         plan = state.get("data_plan") or {k: config.get(k) for k in ("batch_size", "seed")}  # older files
