@@ -200,3 +200,11 @@ def test_the_guard_looks_inside_the_splits_and_ignores_hidden_files(tmp_path):
     (root / "val" / "annotations.json").write_text('{"info": {"descr')  # cut off (not written by spa now)
     with pytest.raises(ValueError, match=r"val/annotations\.json, unreadable"):
         make_builtin(root, images=1, val_images=1, size=64)
+
+
+def test_bad_generation_settings_are_named(tmp_path):
+    for kwargs, match in (({"coverage": 0.95}, "coverage"), ({"size": 32}, "size"), ({"images": -1}, "images"),
+                          ({"clutter": -1.0}, "clutter")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            make_builtin(tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()  # checked before anything is written

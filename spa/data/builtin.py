@@ -346,6 +346,8 @@ def make_builtin(
         raise ValueError(f"size must be >= 64, got {size}")
     if images < 0 or val_images < 0:
         raise ValueError("images and val_images must be >= 0")
+    if not clutter >= 0:  # (NaN too)
+        raise ValueError(f"clutter (mean distractor shapes per image) must be >= 0, got {clutter}")
     cfg = BuiltinConfig(images, val_images, size, coverage, seed, clutter)
     out = Path(out)
     _check_replaceable(out)
