@@ -253,6 +253,17 @@ class _None:
 NONE: Any = _None()
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (e.g. ``--threads``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def parse_bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):

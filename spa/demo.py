@@ -890,6 +890,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``spa demo`` to the CLI."""
+    from spa.config import positive_int
+
     demo = subparsers.add_parser(
         "demo", help="main job end to end on built-in data: pretrain, fine-tune, evaluate, report"
     )
@@ -975,7 +977,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=2,
         help="torch threads (default 2, the fastest setting on the project's CPU machines)",
     )

@@ -313,6 +313,8 @@ def _run_viz(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``spa viz``."""
+    from spa.config import positive_int
+
     viz = subparsers.add_parser(
         "viz", help="draw the tokens each SPA stage keeps, for a detection checkpoint"
     )
@@ -322,5 +324,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     viz.add_argument("--keep-threshold", type=float, help="override the gates' inference keep threshold")
     viz.add_argument("--score-threshold", type=float, default=0.5, help="draw detections at least this sure")
     viz.add_argument("--max-images", type=int, default=16, help="draw at most this many images (default 16)")
-    viz.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    viz.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     viz.set_defaults(func=_run_viz)

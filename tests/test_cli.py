@@ -120,3 +120,12 @@ def test_a_device_that_is_not_there_is_refused_before_the_run(monkeypatch, tmp_p
     assert main(["train", "--data", "builtin", "--data-dir", str(tmp_path / "d"), "--device", "cuda",
                  "--out", str(out), "--max-steps", "1"]) == 2  # fmt: skip
     assert "CUDA is not available" in capsys.readouterr().err and not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("verb", [["bench", "block"], ["bench", "backbone"], ["viz"], ["demo"]])
+def test_threads_must_be_a_positive_integer(verb, capsys):
+    extra = ["--checkpoint", "c.pt", "--images", ".", "--out", "o"] if verb == ["viz"] else []
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            main([*verb, *extra, "--threads", bad])
+        assert "expected an integer >= 1" in capsys.readouterr().err

@@ -178,6 +178,8 @@ def _compile_flag(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``spa bench ...`` to the CLI."""
+    from spa.config import positive_int
+
     bench = subparsers.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     block = kinds.add_parser("block", help="one SPA block vs timm's dense Swin block (stage-3 shape)")
@@ -204,7 +206,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "default auto)",
     )
     block.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
-    block.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    block.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     block.add_argument(
         "--evict-cache-mb",
         type=_megabytes,
@@ -241,7 +243,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bb.add_argument(
         "--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 2)"
     )
-    bb.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    bb.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     bb.add_argument(
         "--backend",
         default=["auto"],
@@ -286,7 +288,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --quick: 3)"
     )
     dt.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration (default 1)")
-    dt.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    dt.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     dt.add_argument(
         "--backend",
         default="auto",
