@@ -142,6 +142,15 @@ class RunConfig:
             raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.empty_images not in EMPTY_IMAGES:
             raise ConfigError(f"empty_images must be 'error', 'drop' or 'keep', got {self.empty_images!r}")
+        numbers = (self.img_size, self.selection_alpha, self.min_size, self.max_size)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers if v is not None):
+            return  # a wrong type is reported where the value is used
+        if self.img_size < 32:  # the backbone downsamples by 32
+            raise ConfigError(f"img_size must be >= 32, got {self.img_size}")
+        if self.selection_alpha < 0:
+            raise ConfigError(f"selection_alpha must be >= 0, got {self.selection_alpha}")
+        if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
+            raise ConfigError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
 
     def model_kwargs(self) -> dict[str, Any]:
         """The backbone options this run sets (SPT options only when given; the factory refuses them for a

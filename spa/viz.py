@@ -323,6 +323,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     viz.add_argument("--out", required=True, help="folder for the PNGs (IMAGE_selection.png)")
     viz.add_argument("--keep-threshold", type=float, help="override the gates' inference keep threshold")
     viz.add_argument("--score-threshold", type=float, default=0.5, help="draw detections at least this sure")
-    viz.add_argument("--max-images", type=int, default=16, help="draw at most this many images (default 16)")
+    viz.add_argument(
+        "--max-images", type=positive_int, default=16, help="draw at most this many images (default 16)"
+    )
     viz.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     viz.set_defaults(func=_run_viz)

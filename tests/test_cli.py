@@ -129,3 +129,15 @@ def test_threads_must_be_a_positive_integer(verb, capsys):
         with pytest.raises(SystemExit):
             main([*verb, *extra, "--threads", bad])
         assert "expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_run_config_values_that_cannot_work_are_refused(tmp_path, capsys):
+    from spa.config import RunConfig
+    from spa.errors import ConfigError
+
+    for kwargs, match in (({"img_size": 10}, "img_size must be >= 32"), ({"selection_alpha": -1.0}, "selection_alpha"),
+                          ({"min_size": 128, "max_size": 64}, "must not exceed max_size")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            RunConfig(**kwargs)
+    assert main(["train", "--img-size", "10", "--out", str(tmp_path / "r")]) == 2
+    assert "img_size must be >= 32" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -153,3 +153,11 @@ def test_image_folders_are_searched_with_their_sub_folders(tmp_path):
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     found = [p.relative_to(tmp_path).as_posix() for p in _image_paths([str(tmp_path)])]
     assert found == ["cat/a.png", "dog/b.tif", "dog/deeper/c.JPG", "e.png"]
+
+
+def test_eval_keep_threshold_on_a_dense_checkpoint_is_refused(tmp_path):
+    from spa.engine.checkpoint import CheckpointError
+
+    dense = _tiny_checkpoint(tmp_path / "dense.pt", model="swin_nano")
+    with pytest.raises(CheckpointError, match=r"dense model \(no token gate"):
+        main(["--debug", "eval", "--checkpoint", str(dense), "--keep-threshold", "0.4"])

@@ -58,6 +58,8 @@ def _check(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``spa data {make,show,check}``."""
+    from spa.config import positive_int
+
     p = subparsers.add_parser("data", help="built-in dataset: generate and look at it; check any data spec")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
@@ -76,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("show", help="draw a few samples with their boxes and masks to a PNG")
     s.add_argument("dir", help="a COCO folder with annotations.json, or a built-in set's folder")
     s.add_argument("--out", required=True, help="PNG to write")
-    s.add_argument("-n", type=int, default=8, help="number of samples")
+    s.add_argument("-n", type=positive_int, default=8, help="number of samples")
     s.add_argument("--split", default=None, help="split of a built-in set (default train)")
     s.set_defaults(func=_show)
 

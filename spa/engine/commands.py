@@ -281,8 +281,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         {"model": args.model, "detector": args.detector} if task_name == "detect" else {"model": args.model}
     )
     model, state = load_model(args.checkpoint, expect=expect, task=task_name)
-    if args.keep_threshold is not None:
-        set_keep_threshold(model, args.keep_threshold)
+    if args.keep_threshold is not None and not set_keep_threshold(model, args.keep_threshold):
+        raise CheckpointError(
+            f"--keep-threshold: {args.checkpoint} holds a dense model (no token gate to set)"
+        )
     if args.compile:
         from spa.compile import compile_model
 
