@@ -33,11 +33,16 @@ def test_cpu_smoke_writes_results_and_summary(tmp_path):
         checks = sections[name]["checks"]
         ran = {(c["backend"], c["precision"]) for c in checks if not c.get("skipped")}
         assert ran == {(b, p) for b in ("math", "sdpa") for p in ("fp32", "bf16")}
-        assert all(c["skipped"] == "needs CUDA" for c in checks if c["backend"] == "varlen")
+        assert "varlen" not in {c["backend"] for c in checks}  # it has sections of its own, run after these
         for c in checks:
             if not c.get("skipped"):
                 assert c["pass"] and c["out_rel"] <= c["tol_out"] and c["grad_rel"] <= c["tol_grad"]
                 assert c["tol_out"] == (gpu_check.TOL_FP32 if c["precision"] == "fp32" else c["tol_out"])
+    for name in ("attention_varlen", "block_varlen", "spt_vs_timm_varlen", "train_amp_varlen"):
+        assert sections[name]["status"] == "passed"  # nothing to run on a CPU: skipped checks, no failure
+        assert [(c["backend"], c["skipped"]) for c in sections[name]["checks"]] == [("varlen", "needs CUDA")]
+    order = list(SECTIONS)
+    assert order.index("train_amp") < order.index("attention_varlen") < order.index("timing_block")
     assert {c["shift"] for c in sections["block"]["checks"]} == {0, 3}
     assert all(c["unkept_identical"] for c in sections["block"]["checks"] if not c.get("skipped"))
     timm_checks = [c for c in sections["spt_vs_timm"]["checks"] if not c.get("skipped")]
@@ -102,3 +107,32 @@ def test_cpu_smoke_every_section_in_its_own_process(tmp_path):
     results, summary = _read(out)
     assert all(res["status"] == "passed" for res in results["sections"].values())
     assert "## Timing: whole backbone" in summary
+
+
+def test_a_section_cut_off_by_its_limit_keeps_the_checks_it_finished(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    ctx = gpu_check.Context(torch.device("cpu"), True, work, partial=work / "block.partial.json")
+    ctx.record({"level": "block", "backend": "math", "pass": True})
+    assert json.loads((work / "block.partial.json").read_text())["checks"][0]["backend"] == "math"
+    killed = []
+
+    class Hangs:  # a section process that never ends
+        pid = 12345
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait(self, timeout=None):
+            if timeout is not None:
+                raise gpu_check.subprocess.TimeoutExpired("section", timeout)
+            return -9
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", Hangs)
+    monkeypatch.setattr(gpu_check.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    args = gpu_check.argparse.Namespace(device="cpu", small=True)
+    res = gpu_check._run_section_process("block", args, 3.0, tmp_path / "run.log", work)
+    assert killed == [(12345, 9)] and res["status"] == "timeout"
+    assert res["checks"] == [{"level": "block", "backend": "math", "pass": True}]
+    results = {"sections": {"block": res}}
+    assert gpu_check.failures(results) == ["section block: timeout killed after 3 s"]  # still a failure

@@ -16,6 +16,10 @@ CUDA context in one leaves the others running; all within ``--budget-s``):
   ``spa.load_swin_weights``) == timm's Swin-T, every stage and the logits, per backend, float32.
 - ``train_amp`` (check): a few optimizer steps (``spa.engine.Trainer.train_step``, AMP bf16 on CUDA) of
   ``spt_nano`` + Faster R-CNN per backend on a seeded synthetic batch: finite losses and gradient norms.
+- ``attention_varlen``, ``block_varlen``, ``spt_vs_timm_varlen``, ``train_amp_varlen``: the same checks for
+  ``varlen`` alone, after those of ``math`` / ``sdpa`` (``attention`` ... ``train_amp`` run those two): its
+  compiled FlexAttention has never been timed, and a slow compile must not cost the eager backends' results.
+  A section cut off by its time limit keeps the checks it finished (each is written as it ends).
 - ``timing_block`` / ``timing_backbone``: ``spa bench block`` (stage-3 shape, every backend, keep 1.0 / 0.5 /
   0.3, bf16 and float32) and ``spa bench backbone`` (``spt_tiny`` vs ``swin_tiny``, 224 px, batch 32, bf16,
   every backend) through their own APIs (``spa.bench.block``, ``spa.bench.backbone``: CUDA events, GPU peak
@@ -36,17 +40,19 @@ Python lacks from carried wheels first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -64,10 +70,20 @@ class Context:
     device: torch.device
     small: bool
     work: Path
+    backends: tuple[str, ...] | None = None  # the section's backends (None: all)
+    partial: Path | None = None  # every finished check is also written here (kept if the section times out)
+    done: list = field(default_factory=list)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def record(self, check: dict) -> dict:
+        """Keep ``check`` in the partial results file as soon as it is finished; returns it."""
+        self.done.append(check)
+        if self.partial is not None:
+            self.partial.write_text(json.dumps({"checks": self.done}, default=str))
+        return check
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
@@ -87,10 +103,16 @@ def _backends(ctx: Context) -> list[tuple[str, str | None]]:
 
     out = []
     for name in BACKENDS:
-        if name in ("auto", "reference"):
+        if name in ("auto", "reference") or (ctx.backends is not None and name not in ctx.backends):
             continue
         out.append((name, "needs CUDA" if name == "varlen" and not ctx.cuda else None))
     return out
+
+
+def _with_auto(ctx: Context) -> list[tuple[str, str | None]]:
+    """``_backends`` and ``auto`` (``sdpa`` on CUDA, ``math`` elsewhere) where the section runs those."""
+    auto = ctx.backends is None or "sdpa" in ctx.backends
+    return ([("auto", None)] if auto else []) + _backends(ctx)
 
 
 def _strict_fp32() -> None:
@@ -170,7 +192,7 @@ def _compare_backends(
             except Exception as e:  # a backend that raises fails its check; the others still run
                 rec["error"], rec["pass"] = _err(e), False
                 traceback.print_exc()
-            checks.append(rec)
+            checks.append(ctx.record(rec))
     return checks
 
 
@@ -316,7 +338,7 @@ def section_spt_vs_timm(ctx: Context) -> dict:
         "missing_non_gate": [k for k in loaded.missing if ".gate." not in k],
     }
     checks = []
-    for backend, skip in _backends(ctx) if ctx.small else [("auto", None), *_backends(ctx)]:
+    for backend, skip in _backends(ctx) if ctx.small else _with_auto(ctx):
         rec: dict = {"level": "spt_vs_timm", "backend": backend, "precision": "fp32"}
         if skip:
             rec["skipped"] = skip
@@ -341,7 +363,7 @@ def section_spt_vs_timm(ctx: Context) -> dict:
         except Exception as e:
             rec["error"], rec["pass"] = _err(e), False
             traceback.print_exc()
-        checks.append(rec)
+        checks.append(ctx.record(rec))
     return {"checks": checks, "info": info}
 
 
@@ -397,7 +419,7 @@ def section_train_amp(ctx: Context) -> dict:
             rec["error"], rec["pass"] = _err(e), False
             traceback.print_exc()
         rec["seconds"] = round(time.perf_counter() - t0, 2)
-        checks.append(rec)
+        checks.append(ctx.record(rec))
     return {"checks": checks}
 
 
@@ -444,14 +466,23 @@ class Section:
     run: Callable[[Context], dict]
     limit_s: int
     check: bool  # a correctness section: its failure (or not finishing) fails the whole check
+    backends: tuple[str, ...] | None = None  # the backends it runs (None: all)
 
 
+_EAGER = (
+    "math",
+    "sdpa",
+)  # ``varlen`` compiles FlexAttention (never timed yet): its own sections, run after these
 SECTIONS: dict[str, Section] = {
     "env": Section(section_env, 60, False),
-    "attention": Section(section_attention, 90, True),
-    "block": Section(section_block, 120, True),
-    "spt_vs_timm": Section(section_spt_vs_timm, 90, True),
-    "train_amp": Section(section_train_amp, 120, True),
+    "attention": Section(section_attention, 90, True, _EAGER),
+    "block": Section(section_block, 120, True, _EAGER),
+    "spt_vs_timm": Section(section_spt_vs_timm, 90, True, _EAGER),
+    "train_amp": Section(section_train_amp, 120, True, _EAGER),
+    "attention_varlen": Section(section_attention, 120, True, ("varlen",)),
+    "block_varlen": Section(section_block, 150, True, ("varlen",)),
+    "spt_vs_timm_varlen": Section(section_spt_vs_timm, 90, True, ("varlen",)),
+    "train_amp_varlen": Section(section_train_amp, 120, True, ("varlen",)),
     "timing_block": Section(section_timing_block, 150, False),
     "timing_backbone": Section(section_timing_backbone, 180, False),
 }
@@ -469,6 +500,10 @@ def _status(result: dict) -> str:
 
 def _run_section_here(name: str, ctx: Context) -> dict:
     t0 = time.perf_counter()
+    ctx = replace(ctx, backends=SECTIONS[name].backends, done=[])
+    if ctx.backends is not None and all(skip for _, skip in _backends(ctx)):  # e.g. varlen on a CPU
+        checks = [{"level": name, "backend": b, "skipped": skip} for b, skip in _backends(ctx)]
+        return {"checks": checks, "seconds": round(time.perf_counter() - t0, 2), "status": "passed"}
     try:
         result = SECTIONS[name].run(ctx)
     except Exception as e:
@@ -488,17 +523,35 @@ def _run_section_process(name: str, args: argparse.Namespace, limit: float, log:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.perf_counter()
     with log.open("a") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # its own process group (so that its workers are killed with it), in this session: whatever stops this
+        # run (a time limit's kill of the session) stops the section too
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setpgrp)
+        _RUNNING[:] = [proc]
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)  # the section's own process group (its workers too)
             proc.wait()
-            return {"status": "timeout", "error": f"killed after {limit:.0f} s", "seconds": round(limit, 1)}
+            partial = result_path.with_suffix(".partial.json")  # the checks it finished before the limit
+            done = json.loads(partial.read_text())["checks"] if partial.is_file() else []
+            return {"status": "timeout", "error": f"killed after {limit:.0f} s", "seconds": round(limit, 1),
+                    "checks": done}  # fmt: skip
+        finally:
+            _RUNNING.clear()
     seconds = round(time.perf_counter() - t0, 2)
     if result_path.is_file():
         return json.loads(result_path.read_text())
     return {"status": "error", "error": f"section process exited {rc} without a result", "seconds": seconds}
+
+
+_RUNNING: list[subprocess.Popen] = []  # the section process in flight (killed with this one on SIGTERM)
+
+
+def _stop_running_section(signum: int, _frame: object) -> None:
+    for proc in _RUNNING:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+    raise SystemExit(128 + signum)
 
 
 def _fmt(value: object) -> str:
@@ -630,6 +683,8 @@ def run_check(
         "sections": {},
     }
     args = argparse.Namespace(device=device, small=small)
+    if not in_process:
+        signal.signal(signal.SIGTERM, _stop_running_section)
     with tempfile.TemporaryDirectory(prefix="spa-gpu-check-") as tmp:
         work = Path(tmp)
         ctx = Context(torch.device(device), small, work)
@@ -651,7 +706,7 @@ def run_check(
             results["meta"]["seconds"] = round(time.perf_counter() - start, 1)
             results["failures"] = failures(results)
             (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out_dir / "summary.md").write_text(summary_markdown(results))
+            (out_dir / "summary.md").write_text(summary_markdown(results))  # also if the run is cut short
     _say(f"wrote {out_dir / 'results.json'} and {out_dir / 'summary.md'}")
     print(summary_markdown(results).split("## Sections")[0], flush=True)
     return 1 if results["failures"] else 0
@@ -694,7 +749,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             torch.cuda.set_device(0)
         _say(f"section {args.section} ({args.device}{', small' if args.small else ''})")
-        res = _run_section_here(args.section, Context(torch.device(args.device), args.small, work))
+        partial = Path(args.result).with_suffix(".partial.json")
+        res = _run_section_here(
+            args.section, Context(torch.device(args.device), args.small, work, partial=partial)
+        )
         Path(args.result).write_text(json.dumps(res, indent=1, default=str))
         return 0
     from spa.errors import SpaError
