@@ -74,9 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"spa {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (
-        ValueError
-    ) as err:  # a value the library refuses (e.g. a keep threshold of 1.5): its message is enough
+    # a value the library refuses (e.g. a keep threshold of 1.5): its message is enough
+    except ValueError as err:
         if debug:
             raise
         print(f"spa {args.command}: error: {err} (--debug shows where)", file=sys.stderr)

@@ -227,27 +227,31 @@ def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> RunCon
     return RunConfig(**values)
 
 
+_NUMBER_KINDS = {int: int, int | None: int, float: float, float | None: float}
+
+
 def _yaml_value(name: str, value: Any, path: Path) -> Any:
     """A YAML value of a number option as that number: PyYAML leaves ``1e-3`` a string (YAML 1.1 wants
     ``1.0e-3``), and a value that is no number of the option's kind is a ``ConfigError`` naming the option."""
-    hint = str(typing.get_type_hints(RunConfig)[name])
-    kind = {"<class 'int'>": int, "int | None": int, "<class 'float'>": float, "float | None": float}.get(
-        hint
-    )
-    if kind is None or value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        if kind is not None and isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"config file {path}: {name} must be a finite number, got {value!r}")
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"config file {path}: {name} must be an integer, got {value!r}")
-        return int(value) if kind is int and isinstance(value, float) else value
-    if isinstance(value, str) and value.strip().lower() in ("none", "null") and "None" in hint:
-        return None  # as the flags' ``none``
-    try:
-        number = float(value) if isinstance(value, str) else None
-    except ValueError:
-        number = None
-    if number is None or not math.isfinite(number) or (kind is int and not number.is_integer()):
-        what = "an integer" if kind is int else "a number"
+    hint = typing.get_type_hints(RunConfig)[name]
+    kind = _NUMBER_KINDS.get(hint)
+    if kind is None or value is None:
+        return value
+    what = "an integer" if kind is int else "a number"
+    if isinstance(value, str):
+        if value.strip().lower() in ("none", "null") and kind is not hint:  # an optional number: as the flags
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+        if not math.isfinite(value):
+            what = "a finite number"
+    else:
+        number = math.nan  # a bool, list or mapping
+    if not math.isfinite(number) or (kind is int and not float(number).is_integer()):
         raise ConfigError(f"config file {path}: {name} must be {what}, got {value!r}")
     return int(number) if kind is int else number
 

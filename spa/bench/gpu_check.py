@@ -469,10 +469,8 @@ class Section:
     backends: tuple[str, ...] | None = None  # the backends it runs (None: all)
 
 
-_EAGER = (
-    "math",
-    "sdpa",
-)  # ``varlen`` compiles FlexAttention (never timed yet): its own sections, run after these
+# ``varlen`` compiles FlexAttention (never timed yet): its own sections, run after these eager ones
+_EAGER = ("math", "sdpa")
 SECTIONS: dict[str, Section] = {
     "env": Section(section_env, 60, False),
     "attention": Section(section_attention, 90, True, _EAGER),
@@ -514,6 +512,21 @@ def _run_section_here(name: str, ctx: Context) -> dict:
     return result
 
 
+_RUNNING: list[subprocess.Popen] = []  # the section process in flight (killed with this one on SIGTERM)
+
+
+def _stop_running_section(signum: int, _frame: object) -> None:
+    for proc in _RUNNING:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+    raise SystemExit(128 + signum)
+
+
+def _partial_path(result_path: Path) -> Path:
+    """Where a section process writes each check as it finishes (``Context.record``)."""
+    return result_path.with_suffix(".partial.json")
+
+
 def _run_section_process(name: str, args: argparse.Namespace, limit: float, log: Path, work: Path) -> dict:
     result_path = work / f"{name}.json"
     cmd = [sys.executable, "-m", "spa.bench.gpu_check", "--section", name, "--result", str(result_path)]
@@ -532,7 +545,7 @@ def _run_section_process(name: str, args: argparse.Namespace, limit: float, log:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)  # the section's own process group (its workers too)
             proc.wait()
-            partial = result_path.with_suffix(".partial.json")  # the checks it finished before the limit
+            partial = _partial_path(result_path)  # the checks it finished before the limit
             done = json.loads(partial.read_text())["checks"] if partial.is_file() else []
             return {"status": "timeout", "error": f"killed after {limit:.0f} s", "seconds": round(limit, 1),
                     "checks": done}  # fmt: skip
@@ -542,16 +555,6 @@ def _run_section_process(name: str, args: argparse.Namespace, limit: float, log:
     if result_path.is_file():
         return json.loads(result_path.read_text())
     return {"status": "error", "error": f"section process exited {rc} without a result", "seconds": seconds}
-
-
-_RUNNING: list[subprocess.Popen] = []  # the section process in flight (killed with this one on SIGTERM)
-
-
-def _stop_running_section(signum: int, _frame: object) -> None:
-    for proc in _RUNNING:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-    raise SystemExit(128 + signum)
 
 
 def _fmt(value: object) -> str:
@@ -683,30 +686,34 @@ def run_check(
         "sections": {},
     }
     args = argparse.Namespace(device=device, small=small)
-    if not in_process:
-        signal.signal(signal.SIGTERM, _stop_running_section)
-    with tempfile.TemporaryDirectory(prefix="spa-gpu-check-") as tmp:
-        work = Path(tmp)
-        ctx = Context(torch.device(device), small, work)
-        for name in names:
-            section = SECTIONS[name]
-            left = budget_s - (time.perf_counter() - start)
-            limit = min(section.limit_s, left)
-            if limit < 10:
-                res = {"status": "skipped", "error": f"out of the {budget_s:.0f} s budget", "seconds": 0}
-            else:
-                _say(f">>> {name} (limit {limit:.0f} s)")
-                if in_process:
-                    res = _run_section_here(name, ctx)
+    # SIGTERM (a time limit) also stops the running section; the caller's handler is back afterwards
+    previous = None if in_process else signal.signal(signal.SIGTERM, _stop_running_section)
+    try:
+        with tempfile.TemporaryDirectory(prefix="spa-gpu-check-") as tmp:
+            work = Path(tmp)
+            ctx = Context(torch.device(device), small, work)
+            for name in names:
+                section = SECTIONS[name]
+                left = budget_s - (time.perf_counter() - start)
+                limit = min(section.limit_s, left)
+                if limit < 10:
+                    res = {"status": "skipped", "error": f"out of the {budget_s:.0f} s budget", "seconds": 0}
                 else:
-                    res = _run_section_process(name, args, limit, log, work)
-                _say(f"<<< {name}: {res['status']} in {res.get('seconds')} s")
-            res["limit_s"] = round(limit)
-            results["sections"][name] = res
-            results["meta"]["seconds"] = round(time.perf_counter() - start, 1)
-            results["failures"] = failures(results)
-            (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-            (out_dir / "summary.md").write_text(summary_markdown(results))  # also if the run is cut short
+                    _say(f">>> {name} (limit {limit:.0f} s)")
+                    if in_process:
+                        res = _run_section_here(name, ctx)
+                    else:
+                        res = _run_section_process(name, args, limit, log, work)
+                    _say(f"<<< {name}: {res['status']} in {res.get('seconds')} s")
+                res["limit_s"] = round(limit)
+                results["sections"][name] = res
+                results["meta"]["seconds"] = round(time.perf_counter() - start, 1)
+                results["failures"] = failures(results)
+                (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+                (out_dir / "summary.md").write_text(summary_markdown(results))  # also if the run is cut short
+    finally:
+        if not in_process:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     _say(f"wrote {out_dir / 'results.json'} and {out_dir / 'summary.md'}")
     print(summary_markdown(results).split("## Sections")[0], flush=True)
     return 1 if results["failures"] else 0
@@ -749,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             torch.cuda.set_device(0)
         _say(f"section {args.section} ({args.device}{', small' if args.small else ''})")
-        partial = Path(args.result).with_suffix(".partial.json")
+        partial = _partial_path(Path(args.result))
         res = _run_section_here(
             args.section, Context(torch.device(args.device), args.small, work, partial=partial)
         )

@@ -323,7 +323,8 @@ def _make_split(out: Path, split: str, split_idx: int, n: int, cfg: BuiltinConfi
             {"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(BUILTIN_CLASSES)
         ],
     }
-    # atomically: a run killed while writing leaves no truncated file (which would look like someone else's data)
+    # atomically: a run killed while writing leaves no truncated file (which would look like someone else's data);
+    # by hand, as spa.data does not depend on spa.engine (whose atomic_write does the same)
     tmp = out / split / ".annotations.json.tmp"
     tmp.write_text(json.dumps(coco))
     os.replace(tmp, out / split / "annotations.json")
@@ -355,8 +356,10 @@ def make_builtin(
     # written last: an interrupted run leaves no meta.json, so ensure_builtin never trusts a half-written set
     (out / "meta.json").unlink(missing_ok=True)
     for split in ("train", "val"):  # the images of an earlier set with other settings
-        for stale in (out / split / "images").glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
-            stale.unlink()
+        image_dir = out / split / "images"
+        for stale in _visible(image_dir) if image_dir.is_dir() else ():
+            if _IMAGE_NAME.fullmatch(stale.name):
+                stale.unlink()
     stats = {
         split: _make_split(out, split, k, n, cfg)
         for k, (split, n) in enumerate((("train", images), ("val", val_images)))

@@ -105,13 +105,6 @@ def clear_run_folder(out: Path) -> None:
             target.unlink()
 
 
-def prepare_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
-    """``check_run_folder``, then (``overwrite``) ``clear_run_folder``."""
-    check_run_folder(out, resume, overwrite)
-    if overwrite and resume is None and out.is_dir():
-        clear_run_folder(out)
-
-
 def check_run_data(cfg: RunConfig, train_set: Any, val_set: Any, log: bool) -> Any:
     """``--check-data`` before step 1: every problem of both splits at once (``DatasetError``), or, with
     ``--bad-images skip``, the training set without its bad items (evaluation data must be clean)."""
@@ -262,7 +255,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from spa.data.specs import DATA_SPEC_HELP, absolute_spec
     from spa.tasks.base import get_task, load_model
 
-    check_device(args.device)
+    device = check_device(args.device)
     check_output_file(args.out, "--out")  # before the evaluation, not after it
     check_output_file(args.predictions, "--predictions")
     state = load_checkpoint(args.checkpoint)
@@ -306,7 +299,6 @@ def _run_eval(args: argparse.Namespace) -> int:
             check_classes(val_set, names, run_cfg.val_data or run_cfg.data)  # labels are matched by name
     except ValueError as err:
         raise CheckpointError(f"{args.checkpoint}: {err}") from err
-    device = check_device(args.device)
     if args.predictions:  # the same pass, with the COCO results it scored
         from spa.predict import coco_records
         from spa.tasks.evaluation import evaluate_detection
