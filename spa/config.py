@@ -152,6 +152,18 @@ class RunConfig:
         if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
             raise ConfigError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
 
+    def check_selection_options(self) -> None:
+        """Refuse a selection option the chosen ``select`` never reads (``--keep-threshold`` is the gate's,
+        ``--keep-ratio`` is ``topk`` / ``random``'s): such a run would silently train something else than asked.
+        ``spa train`` checks this for new runs (stored configurations of earlier runs still load)."""
+        select = self.select or "gate"
+        if self.keep_threshold is not None and select != "gate":
+            raise ConfigError(f"--keep-threshold is used by --select gate only; --select {select} ignores it")
+        if self.keep_ratio is not None and select not in ("topk", "random"):
+            raise ConfigError(
+                f"--keep-ratio is used by --select topk / random only; --select {select} ignores it"
+            )
+
     def model_kwargs(self) -> dict[str, Any]:
         """The backbone options this run sets (SPT options only when given; the factory refuses them for a
         dense baseline)."""

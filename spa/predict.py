@@ -13,6 +13,10 @@ Class names and category ids come from the checkpoint's ``extra["classes"]`` (``
 written by ``spa train``); without it a detector's category id is its label and its names ``class_1``...,
 a classifier's names are its ``config.class_names``. Every image is read before anything is written, and each
 file is written under a temporary name in OUT, then renamed: a failed run leaves nothing half-written.
+
+An earlier ``spa predict`` output in OUT is replaced: its pictures (named after the images its ``images.json``
+lists) that this run does not write again are removed once this run's predictions are made, so OUT never
+mixes two runs. Other files in OUT are left alone; an ``images.json`` that is not spa's is refused up front.
 """
 
 from __future__ import annotations
@@ -144,6 +148,26 @@ def _png_names(file_names: Sequence[str], suffix: str = "pred") -> list[str]:
     return out
 
 
+def _earlier_pictures(out: Path) -> list[Path]:
+    """The pictures an earlier ``spa predict`` wrote into ``out`` that are still there (read off its
+    ``images.json``; none without one). Raises ``ConfigError`` for an ``images.json`` that is not spa's."""
+    import json
+
+    listing = out / "images.json"
+    if not listing.is_file():
+        return []
+    try:
+        infos = json.loads(listing.read_text(encoding="utf-8"))
+        names = [info["file_name"] for info in infos]
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("file_name is not a string")
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ConfigError(
+            f"{listing} was not written by spa predict ({err}): pick another --out, or remove it"
+        ) from None
+    return [path for path in (out / png for png in _png_names(names)) if path.is_file()]
+
+
 def predict(
     checkpoint: str | Path,
     images: Sequence[str | Path],
@@ -176,6 +200,7 @@ def predict(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"the output folder {out} is a file")
+    stale = _earlier_pictures(out)  # refused before any work if OUT/images.json is not spa's
     model, state = load_model(checkpoint)
     task = state["meta"]["task"]
     if draw and task != "detect":
@@ -212,6 +237,10 @@ def predict(
             predictions += [
                 {"image_id": i, "file_name": file_names[i - 1], "topk": t} for i, t in zip(ids, found)
             ]
+    pictures = {out / png for png in _png_names(file_names)} if draw else set()
+    for path in stale:  # the earlier run's pictures this run does not write again
+        if path not in pictures:
+            path.unlink(missing_ok=True)
     files = [
         write_json(out / "predictions.json", predictions, indent=None),
         write_json(out / "images.json", infos),
@@ -258,7 +287,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Writes OUT/predictions.json (detection: a COCO results list with the dataset's category ids, "
             "boxes xywh in the original image frame, RLE masks for Mask R-CNN; classification: "
             "[{image_id, file_name, topk: [{class, label, score}]}]) and OUT/images.json "
-            "([{id, file_name, width, height}], ids 1..N in sorted path order)."
+            "([{id, file_name, width, height}], ids 1..N in sorted path order). An earlier spa predict output "
+            "in OUT is replaced (its pictures this run does not draw again are removed); other files stay."
         ),
     )
     p.add_argument(

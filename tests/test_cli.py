@@ -141,3 +141,24 @@ def test_run_config_values_that_cannot_work_are_refused(tmp_path, capsys):
             RunConfig(**kwargs)
     assert main(["train", "--img-size", "10", "--out", str(tmp_path / "r")]) == 2
     assert "img_size must be >= 32" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_selection_options_the_chosen_select_ignores_are_refused_for_new_runs(tmp_path, capsys):
+    from spa.config import RunConfig
+    from spa.errors import ConfigError
+
+    for kwargs, match in (({"select": "all", "keep_threshold": 0.4}, "--select all ignores it"),
+                          ({"select": "topk", "keep_threshold": 0.4}, "--keep-threshold is used by --select gate"),
+                          ({"keep_ratio": 0.3}, "--select gate ignores it"),  # the default select is the gate
+                          ({"select": "all", "keep_ratio": 0.3}, "--keep-ratio is used by --select topk")):  # fmt: skip
+        cfg = RunConfig(**kwargs)  # a stored configuration still loads
+        with pytest.raises(ConfigError, match=match):
+            cfg.check_selection_options()
+    for fine in ({}, {"keep_threshold": 0.4}, {"select": "gate", "keep_threshold": 0.4},
+                 {"select": "topk", "keep_ratio": 0.3}, {"select": "random", "keep_ratio": 0.3}):  # fmt: skip
+        RunConfig(**fine).check_selection_options()
+    out = tmp_path / "r"
+    argv = ["train", "--model", "spt_nano", "--select", "all", "--keep-threshold", "0.4", "--out", str(out)]
+    assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 2
+    assert "--select all ignores it" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "d").exists()  # refused before any data is made

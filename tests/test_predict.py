@@ -115,6 +115,32 @@ def test_mask_rcnn_masks_decode_to_the_original_size_and_draw(coco, mask, tmp_pa
     assert all((out / p).read_bytes()[:8] == PNG for p in pngs)
 
 
+def test_a_second_run_replaces_the_earlier_output_and_leaves_other_files(coco, faster, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["predict", "--checkpoint", str(faster), "--out", str(out), "--draw-threshold", "0"]
+    images = [str(coco[1] / n) for n in ("im1.png", "im2.png", "im3.png")]
+    assert main([*base, "--images", *images, "--draw"]) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "mine_pred.png").write_bytes(PNG)  # a user's picture with spa's suffix, not listed by spa
+    drawn = ["im1_pred.png", "im2_pred.png", "im3_pred.png"]
+    assert sorted(p.name for p in out.glob("im*_pred.png")) == drawn
+    # fewer images, drawn: the picture of the image left out goes; without --draw: every earlier picture goes
+    assert main([*base, "--images", *images[:2], "--draw"]) == 0
+    assert sorted(p.name for p in out.glob("im*_pred.png")) == drawn[:2]
+    assert [im["file_name"] for im in _read(out, "images.json")] == ["im1.png", "im2.png"]
+    assert main([*base, "--images", images[2]]) == 0
+    assert not list(out.glob("im*_pred.png"))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mine_pred.png").is_file()
+    # an images.json that is not spa's: refused before any work, nothing removed
+    (out / "images.json").write_text('{"not": "a list"}')
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert main([*base, "--images", *images]) == 2
+    err = capsys.readouterr().err
+    assert "images.json was not written by spa predict" in err and err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 @pytest.mark.parametrize("task", ["classify", "multilabel"])
 def test_classifier_predictions_are_topk_classes(coco, task, tmp_path):
     ckpt = _classifier_checkpoint(tmp_path / f"{task}.pt", task)

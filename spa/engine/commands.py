@@ -166,6 +166,8 @@ def run_training(
     # refused now, on every rank (read-only; a refusal on rank 0 alone would leave the others at a barrier); an
     # --overwrite clears the folder only once the run is checked
     check_run_folder(out, resume, overwrite)
+    if resume is None:
+        cfg.check_selection_options()
     if resume is not None:  # before any data is read
         check_resumable(resume, load_checkpoint(resume))
     pretrained = read_pretrained(cfg.pretrained) if cfg.pretrained else None
