@@ -318,7 +318,11 @@ def _common(p: argparse.ArgumentParser, out: str, data_dir: str, images: int, va
     p.add_argument(
         "--gate-lr-scale", type=float, default=10.0, help="learning-rate factor of the gates (default 10)"
     )
-    p.add_argument("--out", default=out, help="results folder (results.md, results.json, one folder per run)")
+    p.add_argument(
+        "--out",
+        default=out,
+        help="results folder (results.md, results.json, one folder per run; a new run replaces them)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--progress", action="store_true", help="progress bars")
 

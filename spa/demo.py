@@ -895,7 +895,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo", help="main job end to end on built-in data: pretrain, fine-tune, evaluate, report"
     )
-    demo.add_argument("--out", default=None, help="report folder (default runs/demo)")
+    demo.add_argument(
+        "--out",
+        default=None,
+        help="report folder (default runs/demo); a new demo there replaces the report, the figures and the "
+        "run folders of the same names (folders of other models or seeds from an earlier demo stay)",
+    )
     demo.add_argument(
         "--full",
         action="store_true",
