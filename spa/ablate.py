@@ -2,7 +2,8 @@
 
 ``spa ablate selection`` trains and evaluates, on the built-in multi-label set, side by side:
 
-- ``dense``: the same SPT with ``select='all'`` (every SPA block is a Swin block);
+- ``dense``: the same SPT with ``select='all'`` (every SPA block keeps every token: Swin's block, exactly so
+  where its map is a multiple of the window);
 - ``topk``: uniform top-50% (``select='topk'``, ``keep_ratio=0.5``; the scorer is supervised, the count fixed);
 - ``gate``: the gate without the selection loss (learns from the classification loss alone);
 - ``gate_sup``: the gate with the selection loss (``alpha`` = ``--alpha``),

@@ -312,7 +312,9 @@ PairBias = Callable[[torch.Tensor], "torch.Tensor | TableBias | None"]
 """``position`` ``[K, S]`` -> additive bias ``[K, heads, S, S]`` (or a ``TableBias``) or None (padding
 positions are ``-1``)."""
 PairMask = Callable[[torch.Tensor], "torch.Tensor | None"]
-"""``position`` ``[K, S]`` -> bool ``[K, S, S]`` (True where query ``i`` may see key ``j``) or None."""
+"""``position`` ``[K, S]`` -> bool ``[K, S, S]`` (True where query ``i`` may see key ``j``) or None. Every real
+query must be allowed at least one key of its segment (e.g. itself, as Swin's region masks do): the output of
+a query that may see none is not defined (NaN from ``math`` / ``reference``, zeros from ``sdpa``)."""
 
 
 def _call(hook, position: torch.Tensor) -> torch.Tensor | TableBias | None:
@@ -333,6 +335,8 @@ def allowed_pairs(segment: torch.Tensor, pair_mask: torch.Tensor | None = None) 
     # padding row only itself
     same = segment[:, :, None] == segment[:, None, :]
     if pair_mask is not None:
+        if pair_mask.dtype != torch.bool:
+            raise TypeError(f"a pair mask must be bool [K, S, S] (True: may attend), got {pair_mask.dtype}")
         same = same & pair_mask
     return torch.where((segment >= 0)[:, :, None], same, _eye(segment.shape[1], segment.device))
 
@@ -660,6 +664,11 @@ def packed_attention(
             f"q must be [K, heads, S, D] with K={packed.num_containers}, S={packed.image.shape[1]}; "
             f"got {tuple(q.shape)}"
         )
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(
+                f"{name} must have q's shape [K, heads, S, D] = {list(q.shape)}, got {list(t.shape)}"
+            )
     if packed.num_containers == 0:
         return q
     return _BACKEND_FNS[_resolve_backend(backend, q.device)](

@@ -239,20 +239,53 @@ def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> RunCon
     return RunConfig(**values)
 
 
-_NUMBER_KINDS = {int: int, int | None: int, float: float, float | None: float}
-
-
 def _yaml_value(name: str, value: Any, path: Path) -> Any:
-    """A YAML value of a number option as that number: PyYAML leaves ``1e-3`` a string (YAML 1.1 wants
-    ``1.0e-3``), and a value that is no number of the option's kind is a ``ConfigError`` naming the option."""
-    hint = typing.get_type_hints(RunConfig)[name]
-    kind = _NUMBER_KINDS.get(hint)
-    if kind is None or value is None:
+    """A YAML value read as the option's flag would read it, or a ``ConfigError`` naming the option.
+
+    Numbers: PyYAML leaves ``1e-3`` a string (YAML 1.1 wants ``1.0e-3``), so number strings are read as
+    numbers; booleans take what the flags take (``true`` / ``"no"`` / ``1``...); text options must be text
+    and one of their choices; lists (``spa_stages``) must be lists of their item type. ``null`` (and
+    ``"none"`` for an optional number, as on the command line) is accepted only where the option allows it.
+    """
+    kind, optional, is_list = _field_kind(typing.get_type_hints(RunConfig)[name])
+    where = f"config file {path}: {name}"
+    if value is None or (optional and kind in (int, float) and _is_none_text(value)):
+        if optional or next(f for f in fields(RunConfig) if f.name == name).default is None:
+            return None
+        raise ConfigError(f"{where} must be set (it has no 'none'), got null")
+    if is_list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, e.g. {name}: [2, 3], got {value!r}")
+        return [_yaml_scalar(kind, item, where + " item") for item in value]
+    value = _yaml_scalar(kind, value, where)
+    choices = next(f for f in fields(RunConfig) if f.name == name).metadata.get("choices")
+    choices = choices() if callable(choices) else choices
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _is_none_text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() in ("none", "null")
+
+
+def _yaml_scalar(kind: type, value: Any, where: str) -> Any:
+    """One YAML scalar as ``kind`` (``where`` names it in the error)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                return parse_bool(str(value))
+            except argparse.ArgumentTypeError:
+                pass
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be text, got {value!r}")
         return value
     what = "an integer" if kind is int else "a number"
     if isinstance(value, str):
-        if value.strip().lower() in ("none", "null") and kind is not hint:  # an optional number: as the flags
-            return None
         try:
             number = float(value)
         except ValueError:
@@ -264,7 +297,7 @@ def _yaml_value(name: str, value: Any, path: Path) -> Any:
     else:
         number = math.nan  # a bool, list or mapping
     if not math.isfinite(number) or (kind is int and not float(number).is_integer()):
-        raise ConfigError(f"config file {path}: {name} must be {what}, got {value!r}")
+        raise ConfigError(f"{where} must be {what}, got {value!r}")
     return int(number) if kind is int else number
 
 

@@ -51,7 +51,9 @@ _DEFERRED_NAN_CHECKS: contextvars.ContextVar[list | None] = contextvars.ContextV
 
 
 def _nan_error(name: str) -> ValueError:
-    return ValueError(f"{name} contain NaN: the gate cannot decide which tokens to keep")
+    return ValueError(
+        f"{name} contain NaN: the gate cannot decide which tokens to keep (NaN or inf in the input or weights?)"
+    )
 
 
 @contextlib.contextmanager
@@ -211,8 +213,11 @@ class TokenGate(nn.Module):
     Args:
         dim: token channels ``C``.
         select: ``gate`` (threshold on the fused keep probability; Gumbel-perturbed in training),
-            ``all`` (keep every token, no soft factor: the block is a Swin block), ``topk`` (the gate's top
-            ``keep_ratio`` of every image) or ``random`` (``keep_ratio`` random tokens of every image).
+            ``all`` (keep every token, no soft factor: the block computes Swin's block where its map is a
+            multiple of the window; on other maps Swin also attends over its zero padding, this block does not),
+            ``topk`` (the gate's top ``keep_ratio`` of every image) or ``random`` (``keep_ratio`` random tokens
+            of every image). NaN checks run where a keep decision is made, so ``all`` passes NaN through as
+            timm's Swin does.
         keep_threshold: keep where the (perturbed) keep probability exceeds this.
         temperature: Gumbel temperature in training.
         keep_ratio: ratio for ``topk`` and ``random``.

@@ -113,7 +113,9 @@ def foreground_mask(
     """Binary ``[H, W]`` foreground of one image: union of ``masks`` ([M, h, w]) when given, else of ``boxes``.
 
     Masks smaller than ``size`` (an unpadded image inside a padded batch) are placed top-left; an
-    instance with an empty mask falls back to its box (when boxes are given, one per mask).
+    instance with an empty mask falls back to its box (when boxes are given, one per mask). A mask pixel is
+    foreground where it is nonzero (torchvision's uint8 0/1 masks, or bool): a soft mask counts wherever it is
+    above 0 (threshold it first, e.g. ``masks > 0.5``), and so does NaN.
     """
     h, w = int(size[0]), int(size[1])
     if masks is None:

@@ -216,6 +216,8 @@ class Packed:
     def _kept_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``[R, D]`` -> the kept tokens' rows ``[T, D]``, aligned with ``source_index``."""
         self.check_rows(rows)
+        if rows.dim() != 2:
+            raise ValueError(f"rows must be [R, D] with R = {self.num_rows}, got {tuple(rows.shape)}")
         return rows.index_select(0, self.source_index) if self.layout == "masked" else rows
 
     def _flat_tokens(self, tokens: torch.Tensor, name: str, D: int) -> torch.Tensor:

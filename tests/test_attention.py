@@ -295,6 +295,13 @@ def test_bad_backend_and_shapes():
         packed_attention(q[:2], q[:2], q[:2], packed, backend="nope")
     with pytest.raises(ValueError, match="rows"):
         PackedAttention(DIM, HEADS)(torch.randn(5, DIM), packed)
+    q = q[:2]
+    with pytest.raises(ValueError, match=r"k must have q's shape"):
+        packed_attention(q, q[:, :, :1], q, packed)
+    with pytest.raises(ValueError, match=r"v must have q's shape"):
+        packed_attention(q, q, torch.randn(2, HEADS, 2, 3), packed)
+    with pytest.raises(TypeError, match="a pair mask must be bool"):
+        packed_attention(q, q, q, packed, pair_mask=lambda position: torch.ones(2, 2, 2), backend="math")
 
 
 def test_table_bias_checks_its_fields():

@@ -212,6 +212,15 @@ def test_bad_keep_override() -> None:
         block(x, previous_logits=torch.zeros(1, 49))
     with pytest.raises(ValueError, match="SPABlock expects"):
         block(torch.randn(1, 7, 7, 8))
+    with pytest.raises(ValueError, match="at least 1 x 1 tokens"):
+        block(torch.randn(1, 0, 7, 16))
+    with pytest.raises(TypeError, match="previous_logits must be floating point"):
+        block(x, previous_logits=torch.ones(1, 7, 7, dtype=torch.bool))
+    for kwargs, match in (({"window_size": 0}, "window_size must be an integer >= 1"),
+                          ({"window_size": 7, "shift_size": 7}, r"shift_size must be an integer in \[0, window_size=7\)"),
+                          ({"window_size": 7, "shift_size": -1}, "shift_size")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            SPABlock(16, (7, 7), 2, **kwargs)
 
 
 def test_maps_of_other_sizes_than_built() -> None:

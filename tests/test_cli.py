@@ -95,11 +95,23 @@ def test_yaml_numbers_are_read_as_the_options_type(tmp_path):
     cfg = resolve_config(str(good), {})
     assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.max_steps == 12 and cfg.clip_grad is None
     assert cfg.min_size is None  # "none", as the flags take it
+    for text, value in (("'false'", False), ("no", False), ("'1'", True), ("true", True), ("0", False)):
+        good.write_text(f"supervise_gate: {text}\ngrad_checkpointing: {text}\nspa_stages: [2, 3]\n")
+        cfg = resolve_config(str(good), {})
+        assert cfg.supervise_gate is value and cfg.grad_checkpointing is value and cfg.spa_stages == [2, 3]
     for text, match in (("lr: fast\n", "lr must be a number, got 'fast'"),
                         ("max_steps: 2.5\n", "max_steps must be an integer, got 2.5"),
                         ("batch_size: true\n", "batch_size must be an integer"),
                         ("lr: .nan\n", "lr must be a finite number"), ("lr: 'inf'\n", "lr must be a number"),
-                        ("batch_size: none\n", "batch_size must be an integer")):  # fmt: skip
+                        ("batch_size: none\n", "batch_size must be an integer"),
+                        ("lr: null\n", "lr must be set"),
+                        ("supervise_gate: nope\n", "supervise_gate must be true or false, got 'nope'"),
+                        ("supervise_gate: 2\n", "supervise_gate must be true or false"),
+                        ("spa_stages: 3\n", r"spa_stages must be a list, e\.g\. spa_stages: \[2, 3\]"),
+                        ("spa_stages: [true]\n", "spa_stages item must be an integer"),
+                        ("data: 3\n", "data must be text, got 3"), ("pretrained: 5\n", "pretrained must be text"),
+                        ("bad_images: ignore\n", r"bad_images must be one of \('error', 'skip'\)"),
+                        ("model: spt_huge\n", "model must be one of")):  # fmt: skip
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ConfigError, match=match):

@@ -57,6 +57,30 @@ def test_shape_mismatch_is_a_clear_error():
         selection_loss(sels, {16: torch.zeros(2, 3, 3)})
 
 
+def test_labels_that_are_not_bce_targets_or_miss_a_stride_are_refused():
+    sels = [_sel(torch.zeros(1, 2, 2), 16), _sel(torch.zeros(1, 1, 1), 32, stage=3)]
+    ok = {16: torch.ones(1, 2, 2), 32: torch.zeros(1, 1, 1)}
+    assert selection_loss(sels, ok)["loss_select"] > 0
+    assert selection_loss(sels, {16: torch.ones(1, 2, 2, dtype=torch.bool), 32: torch.zeros(1, 1, 1)})
+    for bad, match in ((255.0, r"in \[0, 1\].*got values in \[0, 255\]"), (-1.0, r"\[-1, 0\]"),
+                       (float("nan"), "and NaN")):  # fmt: skip
+        labels = {16: torch.zeros(1, 2, 2), 32: torch.zeros(1, 1, 1)}
+        labels[16][0, 0, 0] = bad
+        with pytest.raises(ValueError, match=match):
+            selection_loss(sels, labels)
+    with pytest.raises(ValueError, match=r"no selection labels at stride 32 .*strides \[16\]"):
+        selection_loss(sels, {16: torch.ones(1, 2, 2)})
+
+
+def test_from_targets_needs_one_target_per_image():
+    sels = [_sel(torch.zeros(2, 4, 4), 16)]
+    one = [{"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0]])}]
+    with pytest.raises(ValueError, match="1 targets for a batch of 2 images"):
+        selection_loss_from_targets(sels, one, (64, 64))
+    with pytest.raises(ValueError, match="3 targets for a batch of 2 images"):
+        selection_loss_from_targets(sels, one * 3, (64, 64))
+
+
 def test_empty_selections_give_zero():
     out = selection_loss([], {}, alpha=0.01)
     assert out["loss_select"].item() == 0.0

@@ -239,6 +239,10 @@ def test_unpack_checks_shapes():
         packed.unpack(packed.tokens, fill=torch.randn(2, 5, 4))
     with pytest.raises(ValueError, match="rows must be"):
         packed.to_slots(torch.randn(3, 3))
+    with pytest.raises(ValueError, match=r"rows must be \[R, D\] with R = 10"):  # one number per row
+        packed.scatter_rows(torch.zeros(packed.num_rows))
+    with pytest.raises(ValueError, match=r"rows must be \[R, D\]"):
+        packed.add_rows(torch.zeros(2, 5, 3), torch.zeros(packed.num_rows))
 
 
 # --- what the plan knows on the host (issue #17: no device sync beyond the per-image counts) ---------------

@@ -188,6 +188,14 @@ def test_bad_input_and_options() -> None:
         model(torch.zeros(1, 3, 112, 112, dtype=torch.uint8))
     with pytest.raises(ValueError, match="channels"):
         model(torch.randn(1, 1, 112, 112))
+    # an empty batch / image: named, not timm's reshape error
+    for empty in ((0, 3, 112, 112), (1, 3, 0, 112)):
+        with pytest.raises(ValueError, match="at least one image of at least 1 x 1 pixels"):
+            model(torch.randn(empty))
+    for name in ("window_size", "patch_size"):
+        for bad in (0, -1, 2.5):
+            with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+                spa.create_model("spt_nano", **{name: bad})
     with pytest.raises(ValueError, match="unknown SPT model"):
         spa.create_model("spt_huge")
     with pytest.raises(TypeError, match="unknown option"):

@@ -150,6 +150,15 @@ def test_unreadable_sources(tmp_path) -> None:
         spa.load_swin_weights(_spt(), 42)
     with pytest.raises(ValueError, match="no tensors"):
         spa.load_swin_weights(_spt(), {"epoch": 1})
+    # readable, but nothing in it fits (another architecture): an error, not a silent no-op
+    model = _spt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"no tensor of the checkpoint fits the model \(keys such as conv1"):
+        spa.load_swin_weights(model, {"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.bias": torch.zeros(10)})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a partial load is reported, not refused
+    partial = {k: v for k, v in _swin().state_dict().items() if k.startswith("patch_embed.")}
+    assert any(k.startswith("layers.") for k in spa.load_swin_weights(_spt(), partial).missing)
 
 
 def test_mmdetection_native_checkpoint(tmp_path) -> None:

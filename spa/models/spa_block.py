@@ -263,6 +263,16 @@ class SPABlock(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"window_size must be an integer >= 1, got {window_size!r}")
+        if (
+            isinstance(shift_size, bool)
+            or not isinstance(shift_size, int)
+            or not 0 <= shift_size < window_size
+        ):
+            raise ValueError(
+                f"shift_size must be an integer in [0, window_size={window_size}), got {shift_size!r}"
+            )
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if ffn not in FFN_MODES:
@@ -370,10 +380,14 @@ class SPABlock(nn.Module):
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"SPABlock expects [B, H, W, {self.dim}] input, got {tuple(x.shape)}")
         B, H, W, C = x.shape
+        if H == 0 or W == 0:
+            raise ValueError(f"SPABlock expects a map of at least 1 x 1 tokens, got {tuple(x.shape)}")
         if previous_logits is not None and previous_logits.shape != (B, H, W):
             raise ValueError(
                 f"previous_logits must be [B, H, W] = {[B, H, W]}, got {list(previous_logits.shape)}"
             )
+        if previous_logits is not None and not previous_logits.is_floating_point():
+            raise TypeError(f"previous_logits must be floating point logits, got {previous_logits.dtype}")
         geometry = self.geometry(H, W, x.device)
         tokens = x.reshape(B, H * W, C)
         previous = None if previous_logits is None else previous_logits.reshape(B, H * W)

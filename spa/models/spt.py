@@ -154,6 +154,10 @@ def _check_images(x: torch.Tensor, in_chans: int) -> None:
         raise TypeError(f"SPT expects floating point images, got dtype {x.dtype}")
     if x.shape[1] != in_chans:
         raise ValueError(f"SPT expects {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if 0 in x.shape:
+        raise ValueError(
+            f"SPT expects at least one image of at least 1 x 1 pixels, got shape {tuple(x.shape)}"
+        )
 
 
 class SPT(nn.Module):
@@ -228,6 +232,9 @@ class SPT(nn.Module):
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not 0.0 < gate_init < 1.0:
             raise ValueError(f"gate_init (initial keep probability) must be in (0, 1), got {gate_init}")
+        for name, value in (("patch_size", patch_size), ("window_size", window_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool

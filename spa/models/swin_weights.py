@@ -165,7 +165,9 @@ def load_swin_weights(model: nn.Module, source, strict_shapes: bool = True) -> L
             reported as unexpected. A classifier (``head.*``) of another size is always skipped and reported.
 
     Raises:
-        ValueError: a tensor's shape differs from the model's (the key is named), or the file is unreadable.
+        ValueError: a tensor's shape differs from the model's (the key is named), the file is unreadable, or
+            no tensor of it fits the model (nothing would be loaded). A partial load is not an error: see
+            ``LoadResult.missing``.
     """
     target = _target(model)
     if not hasattr(target, "layers") or not hasattr(target, "patch_embed"):
@@ -238,6 +240,11 @@ def load_swin_weights(model: nn.Module, source, strict_shapes: bool = True) -> L
             unexpected.append(key)
             continue
         loadable[key] = value
+    if not loadable:  # a readable file of something else (a ResNet, a detector's head): never a silent no-op
+        shown = ", ".join(sorted(set(unexpected))[:3]) or "none"
+        raise ValueError(
+            f"no tensor of the checkpoint fits the model (keys such as {shown}): is it a Swin checkpoint?"
+        )
     outcome = target.load_state_dict(loadable, strict=False)
     result.missing = sorted(outcome.missing_keys)
     result.unexpected = sorted(set(unexpected))

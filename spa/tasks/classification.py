@@ -184,7 +184,8 @@ class SPAClassifier(nn.Module):
                 self.config.supervise_gate and self.config.model_kwargs.get("select", "gate") != "all"
             )
             if supervised and labels:
-                losses.update(selection_loss(selections, labels, self.config.selection_alpha))
+                alpha = self.config.selection_alpha  # labels made above: no check (no device sync)
+                losses.update(selection_loss(selections, labels, alpha, check_labels=False))
             else:
                 losses[SELECT_LOSS_NAME] = logits.new_zeros(())
         counts = token_counts(selections, labels or None)

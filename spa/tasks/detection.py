@@ -215,7 +215,8 @@ class SPADetector(nn.Module):
             losses.update(detector_losses)
             losses.update(proposal_losses)
             if selections and self.config.supervise_gate:
-                losses.update(selection_loss(selections, labels, alpha=self.config.selection_alpha))
+                alpha = self.config.selection_alpha  # labels made above: no check (no device sync)
+                losses.update(selection_loss(selections, labels, alpha=alpha, check_labels=False))
             elif selections:  # the gate learns from the detection losses alone; the term logs as 0
                 losses[SELECT_LOSS_NAME] = selections[0].own_logits.new_zeros(())
             detections = []
