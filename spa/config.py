@@ -213,12 +213,15 @@ def config_from(cls: type[T], source: Any, **values: Any) -> T:
     return cls(**kwargs)
 
 
-def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Defaults < YAML file < explicit overrides (``None`` values in ``overrides`` are ignored)."""
+def resolve_config(
+    config_file: str | None, overrides: dict[str, Any], base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Defaults < ``base`` (e.g. a resumed run's stored configuration; unknown keys ignored) < YAML file <
+    explicit overrides (``None`` values in ``overrides`` are ignored)."""
     import yaml
 
-    values: dict[str, Any] = {}
     names = {f.name for f in fields(RunConfig)}
+    values: dict[str, Any] = {k: v for k, v in (base or {}).items() if k in names}
     if config_file:
         path = Path(config_file)
         if not path.is_file():

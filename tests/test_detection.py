@@ -204,6 +204,29 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_set, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
 
 
+def test_resume_keeps_the_stored_configuration_and_a_refusal_writes_nothing(tiny_set, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--data", f"builtin:{tiny_set}", "--img-size", "64", "--batch-size", "2", "--lr", "1e-3"]
+    assert main(["train", *args, "--max-steps", "2", "--no-eval", "--quiet", "--out", str(run)]) == 0
+    ckpt = run / "checkpoints" / "last.pt"
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # a setting of the training trajectory changed: refused before any data is read, nothing rewritten
+    for flags, named in ((["--lr", "0.01"], "--lr 0.001 (checkpoint) vs 0.01 (this run)"),
+                         (["--coverage", "0.5"], "--coverage 0.2 (checkpoint) vs 0.5 (this run)"),
+                         (["--task", "multilabel"], "--task 'detect' (checkpoint) vs 'multilabel'")):  # fmt: skip
+        assert main(["train", "--resume", str(ckpt), *flags, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "leave these flags out" in err and err.count("\n") == 1
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    # no flags: the stored configuration, in the checkpoint's run folder; a longer run may be asked for
+    assert main(["train", "--resume", str(ckpt), "--max-steps", "3", "--no-eval", "--quiet"]) == 0
+    assert "resumed at step 2" in capsys.readouterr().out
+    assert load_checkpoint(ckpt)["step"] == 3 and sorted(_losses(run)) == [1, 2, 3]
+    stored = (run / "config.yaml").read_text()
+    assert "max_steps: 3" in stored and "lr: 0.001" in stored and str(tiny_set) in stored
+
+
 def test_two_process_gloo_training_with_a_rank_that_keeps_nothing(tiny_set, tmp_path):
     script = Path(__file__).parent / "scripts" / "ddp_zero_keep.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]

@@ -139,7 +139,7 @@ def check_resumable(path: str | os.PathLike, state: dict[str, Any]) -> None:
     if "optimizer" not in state:
         raise CheckpointError(
             f"{path} holds weights only (no optimizer, scheduler or data position): resume from "
-            "checkpoints/last.pt, or keep step checkpoints with keep_optimizer=True"
+            "checkpoints/last.pt, or keep step checkpoints with --keep-optimizer true"
         )
 
 

@@ -105,6 +105,40 @@ def clear_run_folder(out: Path) -> None:
             target.unlink()
 
 
+# what a resumed run may change: how long it runs, its I/O and its evaluation; everything else sets the training
+# trajectory and must match the checkpoint's run
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "out", "epochs", "max_steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints",
+        "keep_optimizer", "eval_batch_size", "check_data", "val_data", "pretrained",
+    }
+)  # fmt: skip
+
+
+def stored_run_config(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``RunConfig`` values a checkpoint of ``spa train`` stored (None for other checkpoints)."""
+    stored = (state.get("extra") or {}).get("run_config")
+    return dict(stored) if isinstance(stored, dict) else None
+
+
+def check_resume_config(path: str | Path, stored: dict[str, Any] | None, cfg: RunConfig) -> None:
+    """Refuse a resume whose configuration differs from the checkpoint's run in anything but
+    ``RESUME_MAY_CHANGE`` (data, model, optimiser and schedule settings), naming each difference."""
+    if stored is None:  # not written by spa train: the trainer's model and data-plan checks still apply
+        return
+    ours = asdict(cfg)
+    diff = [
+        f"--{name.replace('_', '-')} {stored[name]!r} (checkpoint) vs {ours[name]!r} (this run)"
+        for name in ours
+        if name in stored and name not in RESUME_MAY_CHANGE and stored[name] != ours[name]
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{path} was trained with other settings: {'; '.join(diff)}. A resumed run continues the stored "
+            "configuration: leave these flags out (or start a new run)"
+        )
+
+
 def check_run_data(cfg: RunConfig, train_set: Any, val_set: Any, log: bool) -> Any:
     """``--check-data`` before step 1: every problem of both splits at once (``DatasetError``), or, with
     ``--bad-images skip``, the training set without its bad items (evaluation data must be clean)."""
@@ -168,9 +202,14 @@ def run_training(
     check_run_folder(out, resume, overwrite)
     if resume is None:
         cfg.check_selection_options()
+    resumed_pretrained = None  # a resumed run takes its weights from its checkpoint, not from --pretrained
     if resume is not None:  # before any data is read
-        check_resumable(resume, load_checkpoint(resume))
-    pretrained = read_pretrained(cfg.pretrained) if cfg.pretrained else None
+        state = load_checkpoint(resume)
+        check_resumable(resume, state)
+        check_resume_config(resume, stored_run_config(state), cfg)
+        resumed_pretrained = (state.get("extra") or {}).get("pretrained")
+        del state
+    pretrained = read_pretrained(cfg.pretrained) if cfg.pretrained and resume is None else None
     if dist_info.distributed and not dist_info.is_main:
         torch.distributed.barrier()  # rank 0 first: it may generate the built-in set, others then read it
     train_set, val_set = task.datasets(cfg)
@@ -196,7 +235,20 @@ def run_training(
     extra: dict[str, Any] = {"run_config": asdict(cfg), "classes": dataset_classes(train_set)}
     if report is not None:
         extra["pretrained"] = report.to_dict()
+    elif resumed_pretrained is not None:  # what the run started from, carried on in its new checkpoints
+        extra["pretrained"] = resumed_pretrained
     train_config = config_from(TrainConfig, cfg, out_dir=cfg.out, progress=progress)  # checks its values
+    trainer = Trainer(
+        model,
+        train_set,
+        task.collate,
+        train_config,
+        checkpoint_meta(task, model_config),
+        dist_info,
+        extra=extra,
+    )
+    if resume is not None:
+        trainer.resume(resume)  # every check first: a refused resume leaves the run folder as it was
     if dist_info.is_main:
         import yaml
 
@@ -207,19 +259,11 @@ def run_training(
         if report is not None:
             write_json(out / "pretrained.json", report.to_dict())
         if log:
-            print(f"[spa train] {task.describe(model_config)} on {cfg.data} -> {out}", flush=True)
+            what = f"resumed at step {trainer.step}" if resume is not None else "->"
+            print(f"[spa train] {task.describe(model_config)} on {cfg.data} {what} {out}", flush=True)
             if report is not None:
                 print(f"[spa train] {report.summary()}", flush=True)
-    trainer = Trainer(
-        model,
-        train_set,
-        task.collate,
-        train_config,
-        checkpoint_meta(task, model_config),
-        dist_info,
-        extra=extra,
-    )
-    summary = trainer.train(resume=resume)
+    summary = trainer.train()
     result: dict[str, Any] = {"summary": summary, "model": model, "pretrained": report}
     if dist_info.is_main:
         if log:
@@ -240,7 +284,15 @@ def run_training(
 
 def _run_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(RunConfig)}
-    cfg = resolve_config(args.config, overrides)
+    base = None
+    if args.resume is not None:  # the stored configuration, under the YAML file and the flags given
+        from spa.engine.checkpoint import load_checkpoint
+
+        base = stored_run_config(load_checkpoint(args.resume))
+        ckpt = Path(args.resume).resolve()
+        if base is not None and ckpt.parent.name == "checkpoints":  # continue in the run folder it is in
+            base["out"] = str(ckpt.parent.parent)
+    cfg = resolve_config(args.config, overrides, base=base)
     run_training(
         cfg,
         resume=args.resume,
@@ -332,7 +384,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--config", help="YAML file with RunConfig options (flags override it)")
     add_config_flags(train)
-    train.add_argument("--resume", help="checkpoint to continue from (same model and configuration)")
+    train.add_argument(
+        "--resume",
+        metavar="CKPT",
+        help="continue the run of CKPT (e.g. RUN/checkpoints/last.pt) with its stored configuration, in its run "
+        "folder; flags may change only how long it runs (--max-steps, --epochs) and its logging/evaluation",
+    )
     train.add_argument(
         "--overwrite",
         action="store_true",

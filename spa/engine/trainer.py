@@ -280,6 +280,7 @@ class Trainer:
         self.epoch = 0
         self.next_batch = 0
         self._saved_step: int | None = None  # the step last.pt was last written at
+        self._resumed = False  # resume() ran: train() continues from the restored state
         self._writer = None
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -356,8 +357,13 @@ class Trainer:
         """Continue exactly from a checkpoint of this model, configuration and data plan."""
         state = load_checkpoint(path)
         check_resumable(path, state)
+        theirs = state.get("meta") or {}
+        if theirs.get("task", self.meta.get("task")) != self.meta.get("task"):
+            raise CheckpointError(
+                f"{path} is a {theirs.get('task')!r} checkpoint; this run trains a {self.meta.get('task')!r} model"
+            )
         if state.get("meta") != self.meta:
-            diff = _differences(state.get("meta") or {}, self.meta)
+            diff = _differences(theirs, self.meta)
             raise CheckpointError(
                 f"{path} was written for another model or configuration: {'; '.join(diff[:8])}"
                 + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
@@ -377,6 +383,7 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.next_batch = state["step"], state["epoch"], state["next_batch"]
+        self._resumed = True
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == self.dist.world_size:
             restore_rng(per_rank[self.dist.rank])
@@ -497,7 +504,7 @@ class Trainer:
         """Train until ``max_steps`` or the last epoch; returns a summary with the last checkpoint path."""
         if resume is not None:
             self.resume(resume)
-        else:  # per-rank streams: ranks draw different Gumbel noise / drop-path masks
+        elif not self._resumed:  # per-rank streams: ranks draw different Gumbel noise / drop-path masks
             _seed_everything(self.config.seed + self.dist.rank)
         progress = None
         if self.config.progress and self.dist.is_main:
