@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from spa.engine.checkpoint import check_output_folder
 from spa.errors import ConfigError
 
 __all__ = [
@@ -114,6 +115,7 @@ def ablate_selection(
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(SELECTION_VARIANTS)}")
     if not seeds:
         raise ConfigError("give at least one seed")
+    check_output_folder(out, "--out")
     spec = _builtin(data, data_dir, images, val_images, img_size, coverage)
     out = Path(out)
     settings = dict(
@@ -202,6 +204,7 @@ def ablate_stages(
     unknown = sorted(set(variants) - set(STAGE_VARIANTS))
     if unknown:
         raise ConfigError(f"unknown stage set(s) {unknown}; choose from {list(STAGE_VARIANTS)}")
+    check_output_folder(out, "--out")
     spec = _builtin(data, data_dir, images, val_images, img_size, coverage)
     out = Path(out)
     settings = dict(

@@ -545,12 +545,14 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every step and write ``report.md``, ``report.json`` and the figures into ``cfg.out``."""
     from spa.data import builtin_dataset, collate_detection, detection_transforms
+    from spa.engine.checkpoint import check_output_folder
     from spa.gate import set_keep_threshold
     from spa.models import dense_baseline_of
     from spa.report_figures import plot_ap_vs_gmacs, plot_cost_vs_coverage, plot_keep_during_training
     from spa.viz import draw_selection_overlays, model_selections
 
     start = time.perf_counter()
+    check_output_folder(cfg.out, "--out")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     dense_name = dense_baseline_of(cfg.model)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from spa.engine.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from spa.engine.checkpoint import CheckpointError, atomic_write, check_output_file, load_checkpoint
 from spa.errors import ConfigError
 
 __all__ = ["FORMAT", "export_model", "load_export", "register"]
@@ -74,14 +74,18 @@ def _weights(state_dict: dict[str, Any], source: Any) -> dict[str, torch.Tensor]
     }
 
 
-def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the model weights of ``checkpoint`` (a ``spa train`` checkpoint, or an export) to ``out``
-    (``.safetensors``), with the metadata that rebuilds the model; atomically. Returns ``out``."""
+    (``.safetensors``), with the metadata that rebuilds the model; atomically. An existing ``out`` is
+    replaced only with ``overwrite``. Returns ``out``."""
     from safetensors.torch import save
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"the export must be a .safetensors file, got {str(out)!r}")
+    check_output_file(out, "the export")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists: pass --overwrite to replace it, or give another file name")
     state = load_checkpoint(checkpoint)
     metadata = _metadata(state, checkpoint)
     tensors = _weights(state["model"], checkpoint)
@@ -133,7 +137,7 @@ def load_export(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    out = export_model(args.checkpoint, args.out)
+    out = export_model(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -148,4 +152,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("checkpoint", help="a checkpoint written by spa train (e.g. OUT/checkpoints/last.pt)")
     parser.add_argument("out", help="the .safetensors file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.set_defaults(func=_run_export)

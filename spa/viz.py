@@ -286,9 +286,11 @@ def _load_image(path: Path, context: str = "--images") -> torch.Tensor:
 
 
 def _run_viz(args: argparse.Namespace) -> int:
+    from spa.engine.checkpoint import check_output_folder
     from spa.gate import set_keep_threshold
     from spa.tasks.base import load_model
 
+    check_output_folder(args.out, "--out")  # before the model is read
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.checkpoint, task="detect")
     if not is_spt(model.backbone.body):

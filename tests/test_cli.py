@@ -174,3 +174,15 @@ def test_selection_options_the_chosen_select_ignores_are_refused_for_new_runs(tm
     assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 2
     assert "--select all ignores it" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "d").exists()  # refused before any data is made
+
+
+@pytest.mark.parametrize("verb", [["viz", "--checkpoint", "c.pt", "--images", "."], ["ablate", "selection"],
+                                  ["ablate", "stages"], ["demo"]])  # fmt: skip
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(verb, tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    for out, says in ((mine, "is a file"), (mine / "sub", f"is under the file {mine}")):
+        assert main([*verb, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} {says}; give a folder" in err and err.count("\n") == 1
+    assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

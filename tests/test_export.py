@@ -148,6 +148,22 @@ def test_bad_inputs_are_refused_and_nothing_is_half_written(detector_checkpoint,
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("safetensors.torch.save", broken_save)
         with pytest.raises(OSError, match="disk full"):
-            export_model(checkpoint, good)
+            export_model(checkpoint, good, overwrite=True)
     assert good.read_bytes() == before  # the earlier export is untouched
     assert sorted(p.name for p in tmp_path.glob(".*")) == []  # and no temporary file is left
+
+
+def test_an_existing_file_is_replaced_only_when_asked(detector_checkpoint, tmp_path, capsys):
+    checkpoint, _ = detector_checkpoint
+    theirs = tmp_path / "swin.safetensors"  # e.g. a user's own weights
+    save_file({"w": torch.ones(3)}, str(theirs))
+    before = theirs.read_bytes()
+    assert main(["export", str(checkpoint), str(theirs)]) == 2
+    err = capsys.readouterr().err
+    assert "exists: pass --overwrite to replace it" in err and err.count("\n") == 1
+    assert theirs.read_bytes() == before
+    assert main(["export", str(checkpoint), str(theirs), "--overwrite"]) == 0
+    assert load_model(theirs)[1]["meta"] == load_model(checkpoint)[1]["meta"]
+    (tmp_path / "a_folder.safetensors").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        export_model(checkpoint, tmp_path / "a_folder.safetensors", overwrite=True)

@@ -86,6 +86,16 @@ def check_output_file(path: str | os.PathLike | None, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
+def check_output_folder(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, an output folder ``path`` that is an existing file or lies under one
+    (``ConfigError``, naming ``flag``)."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == path else f"is under the file {blocker}"
+        raise ConfigError(f"{flag} {path} {where}; give a folder")
+
+
 def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> Path:
     """Strict JSON (NaN / inf written as null), written atomically (:func:`atomic_write`)."""
     text = json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
