@@ -4,16 +4,19 @@ This module sits outside the ``spa`` package so that ``spa --help`` imports neit
 (``import spa`` registers the models with timm, which needs torch); only the module of the verb being run
 is imported. ``spa.cli`` re-exports it (``python -m spa.cli`` works too). spa's own errors
 (:mod:`spa.errors`: bad data, checkpoints, configuration) and missing files print one line,
-``spa VERB: error: ...``, and exit with code 2; ``--debug`` or ``SPA_DEBUG=1`` shows the traceback.
+``spa VERB: error: ...``, and exit with code 2; user warnings print one line too (``spa VERB: warning: ...``);
+``--debug`` or ``SPA_DEBUG=1`` shows the traceback (and warnings as Python prints them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 
 # verb -> (module with a ``register(subparsers)`` that adds it (and sets ``func``), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,6 +59,25 @@ def _verb(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+@contextlib.contextmanager
+def _one_line_warnings(verb: str) -> Iterator[None]:
+    """User warnings (spa's: dropped annotations, evaluating on training data...) as one line each, as errors
+    are (``spa VERB: warning: ...``); deprecation and other warning classes print as Python prints them."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category is UserWarning:
+            print(f"spa {verb}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = _verb(argv)
@@ -68,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from spa.errors import SpaError
 
     try:
-        return int(args.func(args) or 0)
+        with contextlib.nullcontext() if debug else _one_line_warnings(args.command):
+            return int(args.func(args) or 0)
     except (SpaError, FileNotFoundError, NotADirectoryError) as err:
         if debug:
             raise

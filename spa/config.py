@@ -104,7 +104,12 @@ class RunConfig:
     representation_size: int = _opt(256, "box head MLP width (--task detect)")
     selection_alpha: float = _opt(0.01, "weight of the selection loss")
     supervise_gate: bool = _opt(True, "supervise the gate with selection labels from boxes/masks")
-    empty_images: str = _opt("error", "images without objects: refuse, drop or keep", EMPTY_IMAGES)
+    empty_images: str = _opt(
+        "error",
+        "classification / multi-label images without labels: refuse, drop or keep (a detector trains on "
+        "images without boxes as negatives)",
+        EMPTY_IMAGES,
+    )
     check_data: str = _opt(
         "quick",
         "check the data before step 1: quick (annotations + image headers), full (decode all) or off",

@@ -186,3 +186,21 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(verb, tmp_pa
         err = capsys.readouterr().err
         assert f"--out {out} {says}; give a folder" in err and err.count("\n") == 1
     assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_spa_warnings_print_one_line_under_the_cli(capsys):
+    import warnings
+
+    from spa.data.common import warn_dropped
+    from spa_cli import _one_line_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        with _one_line_warnings("data"):
+            warn_dropped("set.json", "dropped degenerate boxes", ["ann 1", "ann 2"])
+            warnings.warn("old API", DeprecationWarning, stacklevel=1)  # another class: as Python prints it
+        assert warnings.showwarning is before
+    err = capsys.readouterr().err
+    assert "spa data: warning: set.json: dropped degenerate boxes: 2 (ann 1, ann 2)\n" in err
+    assert "old API" not in err  # passed on to Python's own handling (here: pytest's recorder)

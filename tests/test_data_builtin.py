@@ -94,7 +94,10 @@ def test_ensure_builtin_reuses(tmp_path):
     stamp = (out / "train" / "annotations.json").stat().st_mtime_ns
     ensure_builtin(tmp_path / "e", images=2, val_images=1, size=64)
     assert (out / "train" / "annotations.json").stat().st_mtime_ns == stamp
-    ensure_builtin(tmp_path / "e", images=3, val_images=1, size=64)
+    with pytest.warns(
+        UserWarning, match=r"regenerating the built-in set with other settings \(images 2 -> 3\)"
+    ):
+        ensure_builtin(tmp_path / "e", images=3, val_images=1, size=64)
     assert len(CocoDetection(out / "train", out / "train" / "annotations.json")) == 3
 
 

@@ -77,3 +77,26 @@ def test_an_empty_split_is_a_problem(tmp_path, capsys):
     assert main(["data", "check", f"builtin:{root}"]) == 1
     out = capsys.readouterr().out
     assert "(train): 2 items, no problems" in out and "(val): no items (an empty split" in out
+
+
+def test_check_notes_dropped_boxes_and_images_without_boxes(tmp_path, capsys):
+    root = make_builtin(tmp_path / "set", images=3, val_images=1, size=64, seed=5)
+    ann_file = root / "train" / "annotations.json"
+    ann = json.loads(ann_file.read_text())
+    first = ann["images"][0]["id"]
+    kept = [a for a in ann["annotations"] if a["image_id"] != first]  # image 1 loses all its boxes
+    bad = {**kept[0], "id": 10_000, "bbox": [5, 5, 0, 9]}  # zero width: dropped while reading
+    ann["annotations"] = [*kept, bad]
+    ann_file.write_text(json.dumps(ann))
+    spec = f"coco:{ann_file}:{root / 'train'}"
+    assert main(["data", "check", spec]) == 0  # notes are not problems
+    captured = capsys.readouterr()
+    assert "(train): 3 items, no problems" in captured.out
+    assert "note: 1 item(s) without boxes (a detector trains on them as negatives)" in captured.out
+    assert (
+        "note: " in captured.out
+        and "dropped degenerate boxes" in captured.out
+        and "ann 10000" in captured.out
+    )
+    assert "no split: evaluating on the training annotations" in captured.out
+    assert "Warning" not in captured.err and "warnings.warn" not in captured.err  # no raw Python warnings

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -416,10 +417,20 @@ def ensure_builtin(out: str | Path, **kwargs) -> Path:
     meta = out / "meta.json"
     if meta.is_file():
         try:
-            if json.loads(meta.read_text()).get("config") == cfg:
-                return out
+            before = json.loads(meta.read_text()).get("config")
         except json.JSONDecodeError:
-            pass
+            before = None
+        if before == cfg:
+            return out
+        if isinstance(before, dict):  # another run's data changes under it: say so
+            changed = ", ".join(
+                f"{k} {before.get(k)!r} -> {v!r}" for k, v in cfg.items() if before.get(k) != v
+            )
+            warnings.warn(
+                f"{out}: regenerating the built-in set with other settings ({changed}); runs that used the "
+                "earlier set there now see different data (give each setting its own --data-dir)",
+                stacklevel=2,
+            )
     kwargs = {k: v for k, v in cfg.items() if k != "version"}
     return make_builtin(out, **kwargs)
 

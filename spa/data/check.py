@@ -25,11 +25,15 @@ _PROBLEMS = (DatasetError, FileNotFoundError, OSError, ValueError, KeyError, Ind
 
 @dataclass
 class DataReport:
-    """What :func:`check_dataset` found: the items checked and, per bad item, its index and message."""
+    """What :func:`check_dataset` found: the items checked and, per bad item, its index and message; how many
+    detection items have no boxes (None when the items carry no boxes); and notes, e.g. what opening the data
+    repaired (dropped degenerate boxes), which are not problems."""
 
     source: str
     items: int = 0
     problems: list[tuple[int, str]] = field(default_factory=list)
+    without_boxes: int | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def bad_indices(self) -> list[int]:
@@ -39,24 +43,41 @@ class DataReport:
         if not self.items:
             return f"{self.source}: no items (an empty split: nothing to train or evaluate on)"
         if not self.problems:
-            return f"{self.source}: {self.items} items, no problems"
-        lines = [f"{self.source}: {len(self.problems)} of {self.items} items have problems:"]
-        lines += [f"  item {i}: {message}" for i, message in self.problems[:limit]]
-        if len(self.problems) > limit:
-            lines.append(f"  ... and {len(self.problems) - limit} more")
+            lines = [f"{self.source}: {self.items} items, no problems"]
+        else:
+            lines = [f"{self.source}: {len(self.problems)} of {self.items} items have problems:"]
+            lines += [f"  item {i}: {message}" for i, message in self.problems[:limit]]
+            if len(self.problems) > limit:
+                lines.append(f"  ... and {len(self.problems) - limit} more")
+        if self.without_boxes:
+            lines.append(
+                f"  note: {self.without_boxes} item(s) without boxes (a detector trains on them as negatives)"
+            )
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
-def _quick_item(dataset: Any, index: int) -> None:
+def _quick_item(dataset: Any, index: int) -> Any:
+    """Check one item cheaply; returns its target when that was read (else None)."""
     image_file = getattr(dataset, "image_file", None)
     if image_file is None:  # a dataset without a way to name its files: load the item
-        dataset[index]
-        return
+        return _target_of(dataset[index])
     path, size, context = image_file(index)
     check_image_header(path, context, size)
     load_target = getattr(dataset, "load_target", None)
     if load_target is not None:  # the annotations (masks decoded) without the image
-        load_target(index)
+        return load_target(index)
+    return None
+
+
+def _target_of(item: Any) -> Any:
+    return item[1] if isinstance(item, tuple) and len(item) == 2 else None
+
+
+def _has_no_boxes(target: Any) -> bool | None:
+    """Whether a detection target holds no boxes (None: not a detection target)."""
+    boxes = target.get("boxes") if isinstance(target, dict) else None
+    return None if boxes is None else len(boxes) == 0
 
 
 def check_dataset(
@@ -71,12 +92,13 @@ def check_dataset(
     report = DataReport(source, items=len(dataset))  # type: ignore[arg-type]
     for index in range(report.items):
         try:
-            if mode == "full":
-                dataset[index]
-            else:
-                _quick_item(dataset, index)
+            target = _target_of(dataset[index]) if mode == "full" else _quick_item(dataset, index)
         except _PROBLEMS as err:
             report.problems.append((index, str(err).strip("'\"")))
+            target = None
+        empty = _has_no_boxes(target)
+        if empty is not None:
+            report.without_boxes = (report.without_boxes or 0) + int(empty)
         if progress is not None:
             progress(index + 1, report.items)
     return report

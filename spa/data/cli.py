@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 
 
 def _make(args: argparse.Namespace) -> int:
@@ -44,13 +45,18 @@ def _check(args: argparse.Namespace) -> int:
     cfg = RunConfig(task=args.task, data=args.spec, data_dir=args.data_dir)
     task = get_task(args.task)
     splits = {"train": None, "val": None}
-    try:
-        splits["train"], splits["val"] = task.datasets(cfg)
-    except FileNotFoundError:  # a set with one split only (e.g. VOC val): check what there is
-        splits = {"val": task.eval_dataset(cfg)}
+    # what opening the data repaired or assumed (dropped boxes, no split) goes into the summary as notes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            splits["train"], splits["val"] = task.datasets(cfg)
+        except FileNotFoundError:  # a set with one split only (e.g. VOC val): check what there is
+            splits = {"val": task.eval_dataset(cfg)}
+    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
     bad = 0
     for split, dataset in splits.items():
         report = check_dataset(dataset, args.mode, f"{args.spec} ({split})")
+        report.notes = notes if split == next(iter(splits)) else []  # once, under the first split
         print(report.summary(limit=args.limit))
         bad += len(report.problems) + (report.items == 0)  # an empty split is a problem too
     return 1 if bad else 0
