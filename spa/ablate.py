@@ -309,16 +309,25 @@ def _common(p: argparse.ArgumentParser, out: str, data_dir: str, images: int, va
             batch: int) -> None:  # fmt: skip
     p.add_argument("--data", default="builtin", help="only the built-in set (builtin)")
     p.add_argument("--data-dir", default=data_dir, help="where the built-in set is made")
-    p.add_argument("--images", type=int, default=images, help="training images of the built-in set")
-    p.add_argument("--val-images", type=int, default=val_images, help="validation images")
+    p.add_argument(
+        "--images", type=int, default=images, help=f"training images of the built-in set (default {images})"
+    )
+    p.add_argument(
+        "--val-images", type=int, default=val_images, help=f"validation images (default {val_images})"
+    )
     p.add_argument("--coverage", type=float, default=0.2, help="object area fraction of the built-in set")
     p.add_argument("--model", default="spt_nano", help="SPT variant to ablate (default spt_nano)")
     p.add_argument("--img-size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--steps", type=int, default=steps, help="training steps per run")
-    p.add_argument("--batch-size", type=int, default=batch, help="training batch size")
+    p.add_argument("--steps", type=int, default=steps, help=f"training steps per run (default {steps})")
+    p.add_argument("--batch-size", type=int, default=batch, help=f"training batch size (default {batch})")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--warmup-steps", type=int, default=10, help="warm-up steps (default 10)")
-    p.add_argument("--alpha", type=float, default=0.5, help="selection loss weight (paper: 0.01)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="selection loss weight (default 0.5: these short runs need a stronger signal than the paper's 0.01)",
+    )
     p.add_argument(
         "--gate-lr-scale", type=float, default=10.0, help="learning-rate factor of the gates (default 10)"
     )
@@ -359,7 +368,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = ablate.add_subparsers(dest="ablation", metavar="ABLATION", required=True)
     sel = sub.add_parser("selection", help="dense vs top-50%% vs gate vs gate + selection loss (multi-label)")
     _common(sel, "runs/ablate_selection", "data/ablate_builtin", 256, 64, 150, 8)
-    sel.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="e.g. 0 1 2 for three")
+    sel.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], help="e.g. 0 1 2 for three (default 0 1)"
+    )
     sel.add_argument(
         "--variants",
         nargs="+",
@@ -376,6 +387,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         default=list(STAGE_VARIANTS),
         choices=list(STAGE_VARIANTS),
-        help="SPA stage sets to run (default all)",
+        help="SPA stage sets to run, quoted for the shell: --variants '{3,4}' '{4}' (default all)",
     )
     st.set_defaults(func=_run_stages)

@@ -257,8 +257,8 @@ def predict(
             image = load_rgb(path, "spa predict --images")
             files.append(draw_detections(image, by_image[info["id"]], out / png, shown))
     if log:
-        what = "detections" if task == "detect" else "images classified"
-        print(f"[spa predict] {len(paths)} images, {len(predictions)} {what} -> {out}", flush=True)
+        found = f"{len(predictions)} detections" if task == "detect" else "top classes of each"
+        print(f"[spa predict] {len(paths)} images, {found} -> {out}", flush=True)
     return {"task": task, "images": infos, "predictions": predictions, "files": files}
 
 
@@ -292,7 +292,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "--checkpoint", required=True, metavar="CKPT", help="a checkpoint written by spa train (any task)"
+        "--checkpoint",
+        required=True,
+        metavar="CKPT",
+        help="a checkpoint written by spa train (any task), or its spa export",
     )
     p.add_argument(
         "--images", required=True, nargs="+", metavar="PATH", help="image files and/or folders of images"

@@ -351,8 +351,8 @@ def _run_eval(args: argparse.Namespace) -> int:
             from spa.data.specs import check_classes
 
             check_classes(val_set, names, run_cfg.val_data or run_cfg.data)  # labels are matched by name
-    except ValueError as err:
-        raise CheckpointError(f"{args.checkpoint}: {err}") from err
+    except ValueError as err:  # about the data given, or about the data the checkpoint records
+        raise CheckpointError(f"{'--data ' + args.data if args.data else args.checkpoint}: {err}") from err
     if args.predictions:  # the same pass, with the COCO results it scored
         from spa.predict import coco_records
         from spa.tasks.evaluation import evaluate_detection
@@ -382,7 +382,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a detector or (multi-label) classifier (SPT or dense Swin backbone)",
         epilog=f"--data / --val-data: {DATA_SPEC_HELP}",
     )
-    train.add_argument("--config", help="YAML file with RunConfig options (flags override it)")
+    train.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file of run options, keyed by the flag names with underscores (img_size: 128, "
+        "spa_stages: [2, 3]); its data paths are relative to it; flags override it",
+    )
     add_config_flags(train)
     train.add_argument(
         "--resume",
@@ -403,7 +408,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
         "eval", help="evaluate a checkpoint: COCO AP / top-1 / mAP, kept-token ratios, GMACs"
     )
-    ev.add_argument("--checkpoint", required=True, help="a checkpoint written by spa train")
+    ev.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint written by spa train, or its spa export (.safetensors)",
+    )
     ev.add_argument("--task", choices=TASKS, help="refuse the checkpoint unless it was trained for this task")
     ev.add_argument("--data", help="data spec (default: the validation data the checkpoint was trained with)")
     ev.add_argument("--model", help="refuse the checkpoint unless it holds this backbone")
