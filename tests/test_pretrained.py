@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,22 @@ def test_bad_pretrained_files_fail_before_any_data_is_read(tmp_path):
         from spa.tasks import build_detector
 
         load_pretrained(build_detector(model="spt_nano", num_classes=2, img_size=64), wide)
+
+
+def test_a_file_that_fits_few_backbone_tensors_warns(swin_file, tmp_path):
+    from spa.engine.pretrained import load_pretrained
+    from spa.tasks import build_detector
+
+    state = torch.load(swin_file, weights_only=True)["model"]
+    few = tmp_path / "few.pth"
+    torch.save({k: v for k, v in state.items() if k.startswith("patch_embed.")}, few)
+    with pytest.warns(UserWarning, match=r"only \d+ of the backbone's \d+ tensors came from it"):
+        report = load_pretrained(build_detector(model="spt_nano", num_classes=2, img_size=64), few)
+    assert 0 < report.loaded < 10
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_pretrained(build_detector(model="spt_nano", num_classes=2, img_size=64), swin_file)
+    assert not [w for w in caught if "tensors came from it" in str(w.message)]  # the whole file: no warning
 
 
 def test_identical_runs_give_identical_losses_and_the_out_folder_is_guarded(data, tmp_path):

@@ -9,6 +9,7 @@ checked before any data is opened; the load report is printed and kept with the 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,5 +137,12 @@ def load_pretrained(
     if report.loaded == 0:
         raise PretrainedError(
             f"--pretrained {path}: none of its tensors fit the {type(body).__name__} backbone"
+        )
+    backbone = own - sum(".gate." in k for k in result.missing)  # the gates always start fresh
+    if report.loaded < backbone / 2:
+        warnings.warn(
+            f"--pretrained {path}: only {report.loaded} of the backbone's {backbone} tensors came from it, the "
+            "others start random: is it a checkpoint of this backbone?",
+            stacklevel=2,
         )
     return report
