@@ -49,8 +49,15 @@ def _rows(rows: Any, keys: Sequence[str], name: str) -> list[Mapping[str, Any]]:
 
 
 def save_figure(fig, out: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write (creating parent folders) and close a matplotlib figure; returns the path."""
+    """Lay out, write (creating parent folders) and close a matplotlib figure; returns the path written (a
+    name without a suffix gets ``.png``, as matplotlib adds it). An existing folder is refused."""
     out = Path(out)
+    if out.is_dir():
+        raise NotADirectoryError(
+            f"{out} is a folder; give the picture's file name (e.g. {out / 'figure.png'})"
+        )
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=dpi)

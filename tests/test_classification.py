@@ -220,6 +220,10 @@ def test_image_folder_bad_input(tmp_path):
         image_folder(tmp_path / "none", "train")
     with pytest.raises(DatasetError, match="no such folder"):
         image_folder(tmp_path / "missing", "train")
+    (root / "train" / "empty").rmdir()
+    (root / "train" / "cat" / "0.png").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"cat/0\.png: unreadable image \(not an image PIL can read\)$"):
+        image_folder(root, "train")[0]
 
 
 def _label_list(root: Path, train_lines: list[str], classes: str = "cat\ndog\nbird\n") -> Path:

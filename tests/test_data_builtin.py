@@ -137,6 +137,19 @@ def test_cli_make_and_show(tmp_path, capsys):
     png = tmp_path / "show.png"
     assert main(["data", "show", str(out), "--out", str(png), "-n", "3"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    capsys.readouterr()
+    assert (
+        main(["data", "show", str(out), "--out", str(tmp_path / "noext"), "-n", "1", "--split", "val"]) == 0
+    )
+    assert (
+        capsys.readouterr().out.strip() == str(tmp_path / "noext.png") and (tmp_path / "noext.png").is_file()
+    )
+    assert main(["data", "show", str(out), "--out", str(tmp_path / "x.png"), "--split", "test"]) == 2
+    assert "has no split 'test'; its splits: train, val" in capsys.readouterr().err
+    assert main(["data", "show", str(out), "--out", str(tmp_path)]) == 2  # a folder: not overwritten
+    assert "is a folder; give the picture's file name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "make", "--out", str(tmp_path / "empty"), "--images", "0"])
 
 
 def test_end_to_end_loader_transforms_labels_loss(small_set):

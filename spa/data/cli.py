@@ -72,19 +72,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m = sub.add_parser("make", help="generate the built-in COCO-format detection set (no download)")
     m.add_argument("--out", required=True, help="output folder (gets train/, val/, meta.json)")
     m.add_argument(
-        "--coverage", type=float, default=0.2, help="target fraction of image area covered by objects"
+        "--coverage",
+        type=float,
+        default=0.2,
+        help="target fraction of image area covered by objects (default 0.2)",
     )
-    m.add_argument("--images", type=int, default=64, help="training images")
-    m.add_argument("--val-images", type=int, default=16, help="validation images")
-    m.add_argument("--size", type=int, default=256, help="image side in pixels")
+    m.add_argument("--images", type=positive_int, default=64, help="training images (default 64)")
+    m.add_argument("--val-images", type=int, default=16, help="validation images (default 16; 0: none)")
+    m.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     m.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    m.add_argument("--clutter", type=float, default=3.0, help="mean number of distractors per image")
+    m.add_argument(
+        "--clutter", type=float, default=3.0, help="mean number of distractors per image (default 3)"
+    )
     m.set_defaults(func=_make)
 
     s = sub.add_parser("show", help="draw a few samples with their boxes and masks to a PNG")
     s.add_argument("dir", help="a COCO folder with annotations.json, or a built-in set's folder")
-    s.add_argument("--out", required=True, help="PNG to write")
-    s.add_argument("-n", type=positive_int, default=8, help="number of samples")
+    s.add_argument("--out", required=True, help="PNG to write (.png is added to a name without a suffix)")
+    s.add_argument("-n", type=positive_int, default=8, help="number of samples (default 8)")
     s.add_argument("--split", default=None, help="split of a built-in set (default train)")
     s.set_defaults(func=_show)
 

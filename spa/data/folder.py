@@ -52,12 +52,25 @@ def image_folder(
     if unknown:
         raise DatasetError(f"{folder}: unknown class name(s) {unknown}; the classes are {known}")
     index = {c: i for i, c in enumerate(known)}
-    data = tv_datasets.ImageFolder(str(folder), transform=transform)
+    data = tv_datasets.ImageFolder(str(folder), transform=transform, loader=_rgb_image)
     remap = {i: index[c] for c, i in data.class_to_idx.items()}
     data.target_transform = remap.__getitem__
     data.classes, data.class_to_idx = known, index
     data.num_classes, data.class_names = len(known), known  # type: ignore[attr-defined]
     return data
+
+
+def _rgb_image(path: str):
+    """torchvision's ``pil_loader`` (an RGB ``PIL.Image``), with an unreadable file a ``DatasetError`` that
+    names it (PIL names the open file object instead)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        reason = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise DatasetError(f"{path}: unreadable image ({reason})") from err
 
 
 class _FolderItems(Dataset):

@@ -26,6 +26,15 @@ def show_samples(
 
     root = Path(root)
     if not (root / "annotations.json").is_file():
+        splits = (
+            sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
+            if root.is_dir()
+            else []
+        )
+        if splits and (split or "train") not in splits:
+            raise FileNotFoundError(
+                f"{root} has no split {split or 'train'!r}; its splits: {', '.join(splits)}"
+            )
         root = root / (split or "train")
     ds = CocoDetection(root, root / "annotations.json")
     n = min(n, len(ds))
