@@ -301,10 +301,10 @@ def _run_viz(args: argparse.Namespace) -> int:
 
     paths = _image_paths(args.images)[: args.max_images]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     # DIR_NAME_selection.png, unique when two images share a name (as spa predict's drawings)
     for path, png in zip(paths, _png_names(_file_names(paths), suffix="selection")):
         shown, selections, detections = model_selections(model, [_load_image(path)])
+        out.mkdir(parents=True, exist_ok=True)  # once an image was read: a bad first image leaves no folder
         det = detections[0]
         boxes = [det["boxes"][det["scores"] >= args.score_threshold]]
         target = out / png

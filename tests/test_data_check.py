@@ -100,3 +100,14 @@ def test_check_notes_dropped_boxes_and_images_without_boxes(tmp_path, capsys):
     )
     assert "no split: evaluating on the training annotations" in captured.out
     assert "Warning" not in captured.err and "warnings.warn" not in captured.err  # no raw Python warnings
+
+
+def test_check_of_the_plain_builtin_spec_makes_no_data(tmp_path, capsys):
+    target = tmp_path / "nothing_here"
+    assert main(["data", "check", "builtin", "--data-dir", str(target)]) == 2
+    assert "no built-in set under" in capsys.readouterr().err and not target.exists()
+    make_builtin(target, images=2, val_images=1, size=64, seed=1)  # not the built-in spec's defaults
+    stamp = (target / "meta.json").read_bytes()
+    assert main(["data", "check", "builtin", "--data-dir", str(target)]) == 0
+    assert "(train): 2 items, no problems" in capsys.readouterr().out
+    assert (target / "meta.json").read_bytes() == stamp  # checked as it is, not regenerated

@@ -141,6 +141,12 @@ def test_viz_cli_errors(tmp_path):
                 "x",
             ]
         )
+    broken = tmp_path / "broken" / "a.png"
+    broken.parent.mkdir()
+    broken.write_text("not an image")
+    argv = ["viz", "--checkpoint", str(spt), "--images", str(broken), "--out", str(tmp_path / "o2")]
+    assert main(argv) == 2
+    assert not (tmp_path / "o2").exists()  # nothing drawn: no empty output folder left behind
 
 
 def test_image_folders_are_searched_with_their_sub_folders(tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 import warnings
+from pathlib import Path
 
 
 def _make(args: argparse.Namespace) -> int:
@@ -42,7 +43,13 @@ def _check(args: argparse.Namespace) -> int:
     from spa.data.check import check_dataset
     from spa.tasks.base import get_task
 
-    cfg = RunConfig(task=args.task, data=args.spec, data_dir=args.data_dir)
+    if args.spec == "builtin" and not (Path(args.data_dir) / "meta.json").is_file():  # a check makes no data
+        raise FileNotFoundError(
+            f"no built-in set under {args.data_dir} to check (spa data make --out {args.data_dir} makes one; "
+            "spa train makes it on first use)"
+        )
+    spec = f"builtin:{args.data_dir}" if args.spec == "builtin" else args.spec  # the set there, as it is
+    cfg = RunConfig(task=args.task, data=spec, data_dir=args.data_dir)
     task = get_task(args.task)
     splits = {"train": None, "val": None}
     # what opening the data repaired or assumed (dropped boxes, no split) goes into the summary as notes
