@@ -320,6 +320,12 @@ def test_task_and_data_mismatch(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="use --task classify"):
         main(["--debug", *_args(f"folder:{tmp_path}", tmp_path / "x", "--task", "multilabel")])
     assert main(_args(f"folder:{tmp_path}", tmp_path / "x", "--task", "multilabel")) == 2  # one line
+    # classification specs given to a detector (the default task): the task to use, not "unknown spec"
+    for spec, task in ((f"folder:{tmp_path}", "classify"), (f"labels:{tmp_path}", "multilabel")):
+        with pytest.raises(
+            ValueError, match=f"is classification data, not detection data: use --task {task}$"
+        ):
+            main(["--debug", *_args(spec, tmp_path / "x")])
     with pytest.raises(SystemExit):
         main(_args(f"builtin:{tiny_set}", tmp_path / "x", "--task", "segment"))
 

@@ -95,6 +95,9 @@ def open_detection(
         if not rest:
             raise ValueError(f"voc data spec must be voc:ROOT, got {spec!r}")
         return VOCDetection(rest, image_set=split, transforms=transforms)
+    if kind in ("folder", "labels"):  # classification specs
+        task = "classify" if kind == "folder" else "multilabel"
+        raise ValueError(f"{spec!r} is classification data, not detection data: use --task {task}")
     raise ValueError(
         f"unknown data spec {spec!r}: use builtin, builtin:DIR, coco:ANN.json:IMAGES or voc:ROOT"
     )
