@@ -243,7 +243,10 @@ def resolve_config(
         loaded = {k: _yaml_value(k, v, path) for k, v in loaded.items()}
         values.update(absolute_paths(loaded, path.resolve().parent))  # a file's paths are relative to it
     values.update({k: v for k, v in overrides.items() if k in names and v is not None})
-    values = {k: (None if v is NONE else v) for k, v in values.items()}
+    # "none" for an optional option; for a list option (--spa-stages none) it arrives as the only item
+    values = {
+        k: (None if v is NONE or (isinstance(v, list) and v == [NONE]) else v) for k, v in values.items()
+    }
     return RunConfig(**values)
 
 
@@ -257,17 +260,22 @@ def _yaml_value(name: str, value: Any, path: Path) -> Any:
     """
     kind, optional, is_list = _field_kind(typing.get_type_hints(RunConfig)[name])
     where = f"config file {path}: {name}"
-    if value is None or (optional and kind in (int, float) and _is_none_text(value)):
+    if value is None or (optional and _is_none_text(value)):  # as the flags take "none"
         if optional or next(f for f in fields(RunConfig) if f.name == name).default is None:
             return None
         raise ConfigError(f"{where} must be set (it has no 'none'), got null")
     if is_list:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]  # one item, as --spa-stages 3 takes it
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, e.g. {name}: [2, 3], got {value!r}")
         return [_yaml_scalar(kind, item, where + " item") for item in value]
-    value = _yaml_scalar(kind, value, where)
     choices = next(f for f in fields(RunConfig) if f.name == name).metadata.get("choices")
     choices = choices() if callable(choices) else choices
+    if kind is str and isinstance(value, bool) and choices and "off" in choices:
+        # YAML 1.1 reads an unquoted off / on / no / yes as a boolean: amp: off, check_data: off
+        value = "off" if not value else next((c for c in ("on", "auto") if c in choices), value)
+    value = _yaml_scalar(kind, value, where)
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {tuple(choices)}, got {value!r}")
     return value

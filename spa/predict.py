@@ -14,9 +14,10 @@ written by ``spa train``); without it a detector's category id is its label and 
 a classifier's names are its ``config.class_names``. Every image is read before anything is written, and each
 file is written under a temporary name in OUT, then renamed: a failed run leaves nothing half-written.
 
-An earlier ``spa predict`` output in OUT is replaced: its pictures (named after the images its ``images.json``
-lists) that this run does not write again are removed once this run's predictions are made, so OUT never
-mixes two runs. Other files in OUT are left alone; an ``images.json`` that is not spa's is refused up front.
+With ``--draw`` each ``images.json`` entry also names its picture (``"picture"``). An earlier ``spa predict``
+output in OUT is replaced: the pictures its ``images.json`` names that this run does not draw again are
+removed once this run's predictions are made (never one of this run's input images), so OUT never mixes two
+runs. Other files in OUT are left alone; an ``images.json`` that is not spa's is refused up front.
 """
 
 from __future__ import annotations
@@ -149,8 +150,9 @@ def _png_names(file_names: Sequence[str], suffix: str = "pred") -> list[str]:
 
 
 def _earlier_pictures(out: Path) -> list[Path]:
-    """The pictures an earlier ``spa predict`` wrote into ``out`` that are still there (read off its
-    ``images.json``; none without one). Raises ``ConfigError`` for an ``images.json`` that is not spa's."""
+    """The pictures an earlier ``spa predict --draw`` wrote into ``out`` that are still there (the ``"picture"``
+    names of its ``images.json``; none without one). Raises ``ConfigError`` for an ``images.json`` that is not
+    spa's (or names a picture outside ``out``)."""
     import json
 
     listing = out / "images.json"
@@ -158,14 +160,16 @@ def _earlier_pictures(out: Path) -> list[Path]:
         return []
     try:
         infos = json.loads(listing.read_text(encoding="utf-8"))
-        names = [info["file_name"] for info in infos]
-        if not all(isinstance(n, str) for n in names):
-            raise TypeError("file_name is not a string")
-    except (OSError, ValueError, TypeError, KeyError) as err:
+        if not isinstance(infos, list) or not all(isinstance(i, dict) and "file_name" in i for i in infos):
+            raise TypeError("not a list of images")
+        names = [info["picture"] for info in infos if "picture" in info]
+        if not all(isinstance(n, str) and n and Path(n).name == n and not n.startswith(".") for n in names):
+            raise TypeError("a picture that is not a file name in the folder")
+    except (OSError, ValueError, TypeError) as err:
         raise ConfigError(
             f"{listing} was not written by spa predict ({err}): pick another --out, or remove it"
         ) from None
-    return [path for path in (out / png for png in _png_names(names)) if path.is_file()]
+    return [path for path in (out / name for name in names) if path.is_file()]
 
 
 def predict(
@@ -237,9 +241,13 @@ def predict(
             predictions += [
                 {"image_id": i, "file_name": file_names[i - 1], "topk": t} for i, t in zip(ids, found)
             ]
-    pictures = {out / png for png in _png_names(file_names)} if draw else set()
-    for path in stale:  # the earlier run's pictures this run does not write again
-        if path not in pictures:
+    pngs = _png_names(file_names) if draw else []
+    if draw:
+        for info, png in zip(infos, pngs):
+            info["picture"] = png
+    keep = {out / png for png in pngs} | {Path(os.path.abspath(p)) for p in paths}
+    for path in stale:  # the earlier run's pictures this run does not write again (never an input image)
+        if path not in keep and Path(os.path.abspath(path)) not in keep:
             path.unlink(missing_ok=True)
     files = [
         write_json(out / "predictions.json", predictions, indent=None),
@@ -253,7 +261,7 @@ def predict(
             if r["score"] >= draw_threshold:
                 by_image[r["image_id"]].append(r)
         shown = {cat_ids[label]: name for label, name in names.items()}
-        for path, info, png in zip(paths, infos, _png_names(file_names)):
+        for path, info, png in zip(paths, infos, pngs):
             image = load_rgb(path, "spa predict --images")
             files.append(draw_detections(image, by_image[info["id"]], out / png, shown))
     if log:
@@ -287,8 +295,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Writes OUT/predictions.json (detection: a COCO results list with the dataset's category ids, "
             "boxes xywh in the original image frame, RLE masks for Mask R-CNN; classification: "
             "[{image_id, file_name, topk: [{class, label, score}]}]) and OUT/images.json "
-            "([{id, file_name, width, height}], ids 1..N in sorted path order). An earlier spa predict output "
-            "in OUT is replaced (its pictures this run does not draw again are removed); other files stay."
+            "([{id, file_name, width, height}, and picture with --draw], ids 1..N in sorted path order). An "
+            "earlier spa predict output in OUT is replaced (the pictures its images.json names that this run "
+            "does not draw again are removed); other files stay."
         ),
     )
     p.add_argument(

@@ -99,6 +99,21 @@ def test_yaml_numbers_are_read_as_the_options_type(tmp_path):
         good.write_text(f"supervise_gate: {text}\ngrad_checkpointing: {text}\nspa_stages: [2, 3]\n")
         cfg = resolve_config(str(good), {})
         assert cfg.supervise_gate is value and cfg.grad_checkpointing is value and cfg.spa_stages == [2, 3]
+    # YAML 1.1 booleans for the off/on choices, "none" for optional text, one list item: as the flags take them
+    good.write_text("amp: off\ncheck_data: off\nval_data: none\nspa_stages: 3\nselect: null\n")
+    cfg = resolve_config(str(good), {})
+    assert (cfg.amp, cfg.check_data, cfg.val_data, cfg.spa_stages, cfg.select) == (
+        "off",
+        "off",
+        None,
+        [3],
+        None,
+    )
+    good.write_text("amp: true\n")
+    assert resolve_config(str(good), {}).amp == "auto"
+    from spa.config import NONE
+
+    assert resolve_config(None, {"spa_stages": [NONE]}).spa_stages is None  # --spa-stages none
     for text, match in (("lr: fast\n", "lr must be a number, got 'fast'"),
                         ("max_steps: 2.5\n", "max_steps must be an integer, got 2.5"),
                         ("batch_size: true\n", "batch_size must be an integer"),
@@ -107,7 +122,7 @@ def test_yaml_numbers_are_read_as_the_options_type(tmp_path):
                         ("lr: null\n", "lr must be set"),
                         ("supervise_gate: nope\n", "supervise_gate must be true or false, got 'nope'"),
                         ("supervise_gate: 2\n", "supervise_gate must be true or false"),
-                        ("spa_stages: 3\n", r"spa_stages must be a list, e\.g\. spa_stages: \[2, 3\]"),
+                        ("spa_stages: two\n", r"spa_stages must be a list, e\.g\. spa_stages: \[2, 3\]"),
                         ("spa_stages: [true]\n", "spa_stages item must be an integer"),
                         ("data: 3\n", "data must be text, got 3"), ("pretrained: 5\n", "pretrained must be text"),
                         ("bad_images: ignore\n", r"bad_images must be one of \('error', 'skip'\)"),

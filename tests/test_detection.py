@@ -213,11 +213,11 @@ def test_resume_keeps_the_stored_configuration_and_a_refusal_writes_nothing(tiny
     capsys.readouterr()
     # a setting of the training trajectory changed: refused before any data is read, nothing rewritten
     for flags, named in ((["--lr", "0.01"], "--lr 0.001 (checkpoint) vs 0.01 (this run)"),
-                         (["--coverage", "0.5"], "--coverage 0.2 (checkpoint) vs 0.5 (this run)"),
+                         (["--seed", "3"], "--seed 0 (checkpoint) vs 3 (this run)"),
                          (["--task", "multilabel"], "--task 'detect' (checkpoint) vs 'multilabel'")):  # fmt: skip
         assert main(["train", "--resume", str(ckpt), *flags, "--quiet"]) == 2
         err = capsys.readouterr().err
-        assert named in err and "leave these flags out" in err and err.count("\n") == 1
+        assert named in err and "leave these out (flags or --config)" in err and err.count("\n") == 1
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
     # no flags: the stored configuration, in the checkpoint's run folder; a longer run may be asked for
     assert main(["train", "--resume", str(ckpt), "--max-steps", "3", "--no-eval", "--quiet"]) == 0
@@ -225,6 +225,49 @@ def test_resume_keeps_the_stored_configuration_and_a_refusal_writes_nothing(tiny
     assert load_checkpoint(ckpt)["step"] == 3 and sorted(_losses(run)) == [1, 2, 3]
     stored = (run / "config.yaml").read_text()
     assert "max_steps: 3" in stored and "lr: 0.001" in stored and str(tiny_set) in stored
+
+
+def test_resume_needs_a_run_folder_and_tolerates_moved_data_and_spelled_out_defaults(
+    tiny_set, tmp_path, capsys
+):
+    import shutil
+
+    run = tmp_path / "run"
+    args = ["--data", f"builtin:{tiny_set}", "--img-size", "64", "--batch-size", "2", "--no-eval", "--quiet"]
+    assert main(["train", *args, "--max-steps", "2", "--out", str(run)]) == 0
+    # a copy outside a run folder: where to continue must be said; a folder of other files is refused
+    shelf = tmp_path / "shelf" / "checkpoints"
+    shelf.mkdir(parents=True)
+    copy = shelf / "spt_run1.pt"
+    shutil.copy(run / "checkpoints" / "last.pt", copy)
+    (shelf.parent / "metrics.jsonl").write_text("my notes\n")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(copy), "--max-steps", "3", "--quiet"]) == 2
+    assert "pass --out RUN" in capsys.readouterr().err
+    assert (
+        main(["train", "--resume", str(copy), "--max-steps", "3", "--quiet", "--out", str(shelf.parent)]) == 2
+    )
+    assert "holds other files and no run" in capsys.readouterr().err
+    assert (shelf.parent / "metrics.jsonl").read_text() == "my notes\n"
+    # the data moved (same kind of spec, same items): a warning; an unset SPT option spelled out: the same run
+    moved = tmp_path / "moved_set"
+    shutil.copytree(tiny_set, moved)
+    flags = [
+        "--data",
+        f"builtin:{moved}",
+        "--select",
+        "gate",
+        "--layout",
+        "containers",
+        "--spa-stages",
+        "2",
+        "3",
+    ]
+    assert main(["train", "--resume", str(run / "checkpoints" / "last.pt"), *flags, "--max-steps", "3",
+                 "--quiet", "--no-eval"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning: resuming on data at another path (--data builtin:" in err and str(moved) in err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
 
 
 def test_two_process_gloo_training_with_a_rank_that_keeps_nothing(tiny_set, tmp_path):

@@ -131,6 +131,18 @@ def test_a_second_run_replaces_the_earlier_output_and_leaves_other_files(coco, f
     assert main([*base, "--images", images[2]]) == 0
     assert not list(out.glob("im*_pred.png"))
     assert (out / "notes.txt").read_text() == "mine" and (out / "mine_pred.png").is_file()
+    # only pictures an earlier run drew are removed: never a user's file of the same name, never an input
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "im1_pred.png").write_bytes(PNG)
+    for _ in range(2):
+        assert main([*base[:-2], "--out", str(other), "--images", images[0]]) == 0  # no --draw
+    assert (other / "im1_pred.png").is_file()
+    assert main([*base, "--images", images[0], "--draw"]) == 0
+    drawn_input = out / "im1_pred.png"
+    assert main([*base, "--images", str(drawn_input), "--draw"]) == 0  # draws im1_pred_pred.png from it
+    assert drawn_input.is_file() and (out / "im1_pred_pred.png").is_file()
+    assert [im.get("picture") for im in _read(out, "images.json")] == ["im1_pred_pred.png"]
     # an images.json that is not spa's: refused before any work, nothing removed
     (out / "images.json").write_text('{"not": "a list"}')
     before = sorted(p.name for p in out.iterdir())

@@ -59,11 +59,16 @@ def _check(args: argparse.Namespace) -> int:
             splits["train"], splits["val"] = task.datasets(cfg)
         except FileNotFoundError:  # a set with one split only (e.g. VOC val): check what there is
             splits = {"val": task.eval_dataset(cfg)}
-    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+    notes = list(dict.fromkeys(str(w.message) for w in caught if w.category is UserWarning))
+    for w in caught:  # other warnings (deprecations...) as they would have been shown
+        if w.category is not UserWarning:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     bad = 0
     for split, dataset in splits.items():
         report = check_dataset(dataset, args.mode, f"{args.spec} ({split})")
         report.notes = notes if split == next(iter(splits)) else []  # once, under the first split
+        if args.task != "detect":
+            report.without_boxes = None  # boxes of multi-label views only make selection labels
         print(report.summary(limit=args.limit))
         bad += len(report.problems) + (report.items == 0)  # an empty split is a problem too
     return 1 if bad else 0

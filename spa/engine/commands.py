@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,29 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "pretrained.json", "ch
 _CHECKPOINT_FILE = re.compile(r"(last|step_\d+)\.pt|\.(last|step_\d+)\.pt\..*\.tmp")  # and spa's temp files
 
 
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a run of ``spa train`` (the ``config.yaml`` every run writes first)."""
+    return (folder / "config.yaml").is_file()
+
+
+def run_folder_of(checkpoint: str | Path) -> Path | None:
+    """``RUN`` for a checkpoint ``RUN/checkpoints/last.pt`` (or ``step_N.pt``) of a run folder, else None."""
+    path = Path(checkpoint).resolve()
+    if path.parent.name != "checkpoints" or not _CHECKPOINT_FILE.fullmatch(path.name):
+        return None
+    run = path.parent.parent
+    return run if (run / "config.yaml").is_file() else None
+
+
 def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse a non-empty ``out`` unless resuming or ``overwrite`` (nothing is removed here)."""
+    """Refuse a non-empty ``out`` unless ``overwrite``, or resuming into a run folder (nothing is removed)."""
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file, not a run folder")
+    if resume is not None and out.is_dir() and any(out.iterdir()) and not is_run_folder(out):
+        raise RunFolderError(
+            f"--out {out} holds other files and no run (no config.yaml): a resume continues in its run folder "
+            "or an empty one"
+        )
     if resume is not None or overwrite or not out.is_dir() or not any(out.iterdir()):
         return
     last = out / "checkpoints" / "last.pt"
@@ -110,9 +130,16 @@ def clear_run_folder(out: Path) -> None:
 RESUME_MAY_CHANGE = frozenset(
     {
         "out", "epochs", "max_steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints",
-        "keep_optimizer", "eval_batch_size", "check_data", "val_data", "pretrained",
+        "keep_optimizer", "eval_batch_size", "check_data", "val_data", "pretrained", "grad_checkpointing",
     }
 )  # fmt: skip
+_DATA_PATHS = ("data", "data_dir")  # where the data is: may move (warned; the data plan is still checked)
+_BUILTIN_OPTIONS = (
+    "data_dir",
+    "builtin_images",
+    "builtin_val_images",
+    "coverage",
+)  # what plain builtin makes
 
 
 def stored_run_config(state: dict[str, Any]) -> dict[str, Any] | None:
@@ -121,21 +148,56 @@ def stored_run_config(state: dict[str, Any]) -> dict[str, Any] | None:
     return dict(stored) if isinstance(stored, dict) else None
 
 
+def _spt_defaults() -> dict[str, Any]:
+    """What an unset (None) SPT option of ``RunConfig`` means: the ``SPT`` constructor's default."""
+    import inspect
+
+    from spa.models.spt import SPT
+
+    params = inspect.signature(SPT.__init__).parameters
+    names = {"select": "select", "keep_threshold": "keep_threshold", "keep_ratio": "keep_ratio",
+             "gate_init": "gate_init", "layout": "layout", "ffn": "ffn", "spa_stages": "spa_stages"}  # fmt: skip
+    return {k: (list(v) if isinstance(v := params[n].default, tuple) else v) for k, n in names.items()}
+
+
 def check_resume_config(path: str | Path, stored: dict[str, Any] | None, cfg: RunConfig) -> None:
     """Refuse a resume whose configuration differs from the checkpoint's run in anything but
-    ``RESUME_MAY_CHANGE`` (data, model, optimiser and schedule settings), naming each difference."""
+    ``RESUME_MAY_CHANGE`` (data, model, optimiser and schedule settings), naming each difference. Unset SPT
+    options equal their defaults; the built-in set's options count only for the plain ``builtin`` spec; a
+    data path that changed (the same kind of spec) is a warning, since the data plan is still checked."""
     if stored is None:  # not written by spa train: the trainer's model and data-plan checks still apply
         return
-    ours = asdict(cfg)
+    ours, defaults = asdict(cfg), _spt_defaults()
+
+    def effective(name: str, value: Any) -> Any:
+        return defaults[name] if value is None and name in defaults else value
+
+    skip = set(RESUME_MAY_CHANGE)
+    if stored.get("data") != "builtin" and ours["data"] != "builtin":
+        skip |= set(_BUILTIN_OPTIONS)
+    moved = []
+    for name in _DATA_PATHS:
+        theirs, mine = str(stored.get(name)), str(ours[name])
+        if name in stored and theirs != mine and theirs.partition(":")[0] == mine.partition(":")[0]:
+            moved.append(f"--{name.replace('_', '-')} {theirs} -> {mine}")
+            skip.add(name)
     diff = [
         f"--{name.replace('_', '-')} {stored[name]!r} (checkpoint) vs {ours[name]!r} (this run)"
         for name in ours
-        if name in stored and name not in RESUME_MAY_CHANGE and stored[name] != ours[name]
+        if name in stored
+        and name not in skip
+        and effective(name, stored[name]) != effective(name, ours[name])
     ]
     if diff:
         raise CheckpointError(
             f"{path} was trained with other settings: {'; '.join(diff)}. A resumed run continues the stored "
-            "configuration: leave these flags out (or start a new run)"
+            "configuration: leave these out (flags or --config), or start a new run"
+        )
+    if moved:
+        warnings.warn(
+            f"resuming on data at another path ({'; '.join(moved)}): only its size and batches are checked "
+            "against the checkpoint's run",
+            stacklevel=2,
         )
 
 
@@ -206,8 +268,14 @@ def run_training(
     if resume is not None:  # before any data is read
         state = load_checkpoint(resume)
         check_resumable(resume, state)
-        check_resume_config(resume, stored_run_config(state), cfg)
+        stored = stored_run_config(state)
+        check_resume_config(resume, stored, cfg)
         resumed_pretrained = (state.get("extra") or {}).get("pretrained")
+        if stored is not None:  # what the run started from, not a file this resume would ignore
+            cfg.pretrained = stored.get("pretrained")
+            for name in _spt_defaults():  # checked equal above: the stored spelling (None or the default)
+                if name in stored:
+                    setattr(cfg, name, stored[name])
         del state
     pretrained = read_pretrained(cfg.pretrained) if cfg.pretrained and resume is None else None
     if dist_info.distributed and not dist_info.is_main:
@@ -282,16 +350,35 @@ def run_training(
     return result
 
 
+def _yaml_sets(config_file: str | None, name: str) -> bool:
+    """Whether the YAML file ``config_file`` (if any, and readable) sets option ``name``."""
+    if not config_file or not Path(config_file).is_file():
+        return False
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(config_file).read_text())
+    except yaml.YAMLError:
+        return False  # resolve_config reports it
+    return isinstance(loaded, dict) and name in loaded
+
+
 def _run_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(RunConfig)}
     base = None
     if args.resume is not None:  # the stored configuration, under the YAML file and the flags given
         from spa.engine.checkpoint import load_checkpoint
 
-        base = stored_run_config(load_checkpoint(args.resume))
-        ckpt = Path(args.resume).resolve()
-        if base is not None and ckpt.parent.name == "checkpoints":  # continue in the run folder it is in
-            base["out"] = str(ckpt.parent.parent)
+        base = stored_run_config(load_checkpoint(args.resume)) or {}
+        base.pop("out", None)  # stored as given (maybe relative to another folder): never trusted
+        run = run_folder_of(args.resume)
+        if run is not None:  # continue in the run folder the checkpoint is in
+            base["out"] = str(run)
+        elif args.out is None and not _yaml_sets(args.config, "out"):
+            raise RunFolderError(
+                f"{args.resume} is not RUN/checkpoints/last.pt (or step_N.pt) of a run folder: pass --out RUN, "
+                "the folder to continue the run in"
+            )
     cfg = resolve_config(args.config, overrides, base=base)
     run_training(
         cfg,
@@ -393,7 +480,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="CKPT",
         help="continue the run of CKPT (e.g. RUN/checkpoints/last.pt) with its stored configuration, in its run "
-        "folder; flags may change only how long it runs (--max-steps, --epochs) and its logging/evaluation",
+        "folder (elsewhere: give --out); flags may change only how long it runs (--max-steps, --epochs), its "
+        "logging and evaluation, and where the data is",
     )
     train.add_argument(
         "--overwrite",
