@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 TASKS = ("detect", "classify", "multilabel")
+_DETECTION_ONLY = ("detector", "fpn_channels", "representation_size", "min_size", "max_size")
 EMPTY_IMAGES = ("error", "drop", "keep")
 T = TypeVar("T")
 
@@ -157,10 +158,11 @@ class RunConfig:
         if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
             raise ConfigError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
 
-    def check_selection_options(self) -> None:
-        """Refuse a selection option the chosen ``select`` never reads (``--keep-threshold`` is the gate's,
-        ``--keep-ratio`` is ``topk`` / ``random``'s): such a run would silently train something else than asked.
-        ``spa train`` checks this for new runs (stored configurations of earlier runs still load)."""
+    def check_options(self) -> None:
+        """Refuse an option that this run never reads: ``--keep-threshold`` is the gate's, ``--keep-ratio``
+        is ``topk`` / ``random``'s, the detector options are ``--task detect``'s, ``--empty-images`` is the
+        classifiers'. Such a run would silently train something else than asked. ``spa train`` checks this for
+        new runs (stored configurations of earlier runs still load)."""
         select = self.select or "gate"
         if self.keep_threshold is not None and select != "gate":
             raise ConfigError(f"--keep-threshold is used by --select gate only; --select {select} ignores it")
@@ -168,6 +170,13 @@ class RunConfig:
             raise ConfigError(
                 f"--keep-ratio is used by --select topk / random only; --select {select} ignores it"
             )
+        defaults = {f.name: f.default for f in fields(self)}
+        only = _DETECTION_ONLY if self.task != "detect" else ("empty_images",)
+        given = [name for name in only if getattr(self, name) != defaults[name]]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            owner = "detection" if self.task != "detect" else "classification / multi-label"
+            raise ConfigError(f"{flags}: {owner} option(s); --task {self.task} ignores them")
 
     def model_kwargs(self) -> dict[str, Any]:
         """The backbone options this run sets (SPT options only when given; the factory refuses them for a

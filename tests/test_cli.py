@@ -170,7 +170,7 @@ def test_run_config_values_that_cannot_work_are_refused(tmp_path, capsys):
     assert "img_size must be >= 32" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
-def test_selection_options_the_chosen_select_ignores_are_refused_for_new_runs(tmp_path, capsys):
+def test_options_this_run_never_reads_are_refused_for_new_runs(tmp_path, capsys):
     from spa.config import RunConfig
     from spa.errors import ConfigError
 
@@ -180,10 +180,17 @@ def test_selection_options_the_chosen_select_ignores_are_refused_for_new_runs(tm
                           ({"select": "all", "keep_ratio": 0.3}, "--keep-ratio is used by --select topk")):  # fmt: skip
         cfg = RunConfig(**kwargs)  # a stored configuration still loads
         with pytest.raises(ConfigError, match=match):
-            cfg.check_selection_options()
+            cfg.check_options()
+    for kwargs, match in (({"task": "multilabel", "fpn_channels": 8, "min_size": 100},
+                           "--fpn-channels, --min-size: detection option"),
+                          ({"task": "classify", "detector": "mask_rcnn"}, "--task classify ignores them"),
+                          ({"empty_images": "drop"}, "--empty-images: classification / multi-label option")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            RunConfig(**kwargs).check_options()
     for fine in ({}, {"keep_threshold": 0.4}, {"select": "gate", "keep_threshold": 0.4},
+                 {"task": "multilabel", "empty_images": "drop"}, {"fpn_channels": 8, "min_size": 100},
                  {"select": "topk", "keep_ratio": 0.3}, {"select": "random", "keep_ratio": 0.3}):  # fmt: skip
-        RunConfig(**fine).check_selection_options()
+        RunConfig(**fine).check_options()
     out = tmp_path / "r"
     argv = ["train", "--model", "spt_nano", "--select", "all", "--keep-threshold", "0.4", "--out", str(out)]
     assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 2

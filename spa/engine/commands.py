@@ -263,7 +263,7 @@ def run_training(
     # --overwrite clears the folder only once the run is checked
     check_run_folder(out, resume, overwrite)
     if resume is None:
-        cfg.check_selection_options()
+        cfg.check_options()
     resumed_pretrained = None  # a resumed run takes its weights from its checkpoint, not from --pretrained
     if resume is not None:  # before any data is read
         state = load_checkpoint(resume)
