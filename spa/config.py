@@ -268,9 +268,10 @@ def _yaml_value(name: str, value: Any, path: Path) -> Any:
     ``"none"`` for an optional number, as on the command line) is accepted only where the option allows it.
     """
     kind, optional, is_list = _field_kind(typing.get_type_hints(RunConfig)[name])
+    option = next(f for f in fields(RunConfig) if f.name == name)
     where = f"config file {path}: {name}"
     if value is None or (optional and _is_none_text(value)):  # as the flags take "none"
-        if optional or next(f for f in fields(RunConfig) if f.name == name).default is None:
+        if optional or option.default is None:
             return None
         raise ConfigError(f"{where} must be set (it has no 'none'), got null")
     if is_list:
@@ -279,7 +280,7 @@ def _yaml_value(name: str, value: Any, path: Path) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, e.g. {name}: [2, 3], got {value!r}")
         return [_yaml_scalar(kind, item, where + " item") for item in value]
-    choices = next(f for f in fields(RunConfig) if f.name == name).metadata.get("choices")
+    choices = option.metadata.get("choices")
     choices = choices() if callable(choices) else choices
     if kind is str and isinstance(value, bool) and choices and "off" in choices:
         # YAML 1.1 reads an unquoted off / on / no / yes as a boolean: amp: off, check_data: off

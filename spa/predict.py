@@ -245,9 +245,9 @@ def predict(
     if draw:
         for info, png in zip(infos, pngs):
             info["picture"] = png
-    keep = {out / png for png in pngs} | {Path(os.path.abspath(p)) for p in paths}
+    keep = {Path(os.path.abspath(p)) for p in [*(out / png for png in pngs), *paths]}
     for path in stale:  # the earlier run's pictures this run does not write again (never an input image)
-        if path not in keep and Path(os.path.abspath(path)) not in keep:
+        if Path(os.path.abspath(path)) not in keep:
             path.unlink(missing_ok=True)
     files = [
         write_json(out / "predictions.json", predictions, indent=None),

@@ -82,7 +82,7 @@ def run_folder_of(checkpoint: str | Path) -> Path | None:
     if path.parent.name != "checkpoints" or not _CHECKPOINT_FILE.fullmatch(path.name):
         return None
     run = path.parent.parent
-    return run if (run / "config.yaml").is_file() else None
+    return run if is_run_folder(run) else None
 
 
 def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
@@ -155,9 +155,8 @@ def _spt_defaults() -> dict[str, Any]:
     from spa.models.spt import SPT
 
     params = inspect.signature(SPT.__init__).parameters
-    names = {"select": "select", "keep_threshold": "keep_threshold", "keep_ratio": "keep_ratio",
-             "gate_init": "gate_init", "layout": "layout", "ffn": "ffn", "spa_stages": "spa_stages"}  # fmt: skip
-    return {k: (list(v) if isinstance(v := params[n].default, tuple) else v) for k, n in names.items()}
+    names = ("select", "keep_threshold", "keep_ratio", "gate_init", "layout", "ffn", "spa_stages")
+    return {n: (list(v) if isinstance(v := params[n].default, tuple) else v) for n in names}
 
 
 def check_resume_config(path: str | Path, stored: dict[str, Any] | None, cfg: RunConfig) -> None:
@@ -262,10 +261,11 @@ def run_training(
     # refused now, on every rank (read-only; a refusal on rank 0 alone would leave the others at a barrier); an
     # --overwrite clears the folder only once the run is checked
     check_run_folder(out, resume, overwrite)
+    state = None  # a resumed run's checkpoint, read once: checked here, loaded by the trainer
+    resumed_pretrained = None  # a resumed run takes its weights from its checkpoint, not from --pretrained
     if resume is None:
         cfg.check_options()
-    resumed_pretrained = None  # a resumed run takes its weights from its checkpoint, not from --pretrained
-    if resume is not None:  # before any data is read
+    else:  # before any data is read
         state = load_checkpoint(resume)
         check_resumable(resume, state)
         stored = stored_run_config(state)
@@ -276,7 +276,6 @@ def run_training(
             for name in _spt_defaults():  # checked equal above: the stored spelling (None or the default)
                 if name in stored:
                     setattr(cfg, name, stored[name])
-        del state
     pretrained = read_pretrained(cfg.pretrained) if cfg.pretrained and resume is None else None
     if dist_info.distributed and not dist_info.is_main:
         torch.distributed.barrier()  # rank 0 first: it may generate the built-in set, others then read it
@@ -316,7 +315,8 @@ def run_training(
         extra=extra,
     )
     if resume is not None:
-        trainer.resume(resume)  # every check first: a refused resume leaves the run folder as it was
+        trainer.resume(resume, state)  # every check first: a refused resume leaves the run folder as it was
+        del state
     if dist_info.is_main:
         import yaml
 

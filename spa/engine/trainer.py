@@ -353,9 +353,10 @@ class Trainer:
         for step in older[: -self.config.keep_checkpoints]:
             files[step].unlink(missing_ok=True)
 
-    def resume(self, path: str | Path) -> None:
-        """Continue exactly from a checkpoint of this model, configuration and data plan."""
-        state = load_checkpoint(path)
+    def resume(self, path: str | Path, state: dict[str, Any] | None = None) -> None:
+        """Continue exactly from a checkpoint of this model, configuration and data plan (``state``: what
+        ``load_checkpoint(path)`` returned, if the caller read it already)."""
+        state = load_checkpoint(path) if state is None else state
         check_resumable(path, state)
         theirs = state.get("meta") or {}
         if theirs.get("task", self.meta.get("task")) != self.meta.get("task"):
