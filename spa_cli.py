@@ -61,12 +61,15 @@ def _verb(argv: Sequence[str]) -> str | None:
 
 @contextlib.contextmanager
 def _one_line_warnings(verb: str) -> Iterator[None]:
-    """User warnings (spa's: dropped annotations, evaluating on training data...) as one line each, as errors
-    are (``spa VERB: warning: ...``); deprecation and other warning classes print as Python prints them."""
+    """spa's warnings (``SpaWarning``: dropped annotations, evaluating on training data...) as one line each, as
+    errors are (``spa VERB: warning: ...``); other libraries' warnings and other classes print as Python prints
+    them (a torch or timm warning is not spa's)."""
+    from spa.errors import SpaWarning
+
     original = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if category is UserWarning:
+        if issubclass(category, SpaWarning):
             print(f"spa {verb}: warning: {message}", file=sys.stderr if file is None else file)
         else:
             original(message, category, filename, lineno, file, line)

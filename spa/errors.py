@@ -7,11 +7,18 @@ traceback; ``SPA_DEBUG=1`` or ``spa --debug`` shows the traceback. Each is also 
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "SpaError"]
+__all__ = ["ConfigError", "SpaError", "SpaWarning"]
 
 
 class SpaError(Exception):
     """Base of the errors caused by user input (not by a bug in spa)."""
+
+
+class SpaWarning(UserWarning):
+    """What spa repaired or assumed in what a user gave it (dropped boxes, data without a split, a partial
+    weight file...). The ``spa`` command prints these on one line (``spa VERB: warning: ...``); other libraries'
+    warnings print as Python prints them. ``warnings.filterwarnings("ignore", category=SpaWarning)`` hides them.
+    """
 
 
 class ConfigError(SpaError, ValueError):

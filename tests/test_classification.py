@@ -25,6 +25,7 @@ from spa.data import (
     make_builtin,
 )
 from spa.engine import CheckpointError
+from spa.errors import SpaWarning
 from spa.tasks.classification import build_classifier
 from spa.tasks.evaluation import evaluate_classification
 from spa.tasks.metrics import average_precision, mean_average_precision, topk_accuracy
@@ -263,7 +264,7 @@ def test_images_without_labels(tiny_set, tmp_path):
     view = BoxedMultiLabelView(builtin_dataset(root, "train"))
     with pytest.raises(DatasetError, match=r"1 image\(s\) without labels .*image id 2"):
         check_labeled(view, "set")
-    with pytest.warns(UserWarning, match="dropped 1"):
+    with pytest.warns(SpaWarning, match="dropped 1"):
         check_labeled(view, "set", "drop")
     assert len(view) == 5 and view.targets().sum(1).min() >= 1
 
@@ -298,6 +299,9 @@ def test_train_and_eval_multilabel_builtin(tiny_set, tmp_path, capsys):
     other = _label_list(tmp_path / "lst", ["images/0.png cat"])
     with pytest.raises(CheckpointError, match="trained for"):
         main(["--debug", "eval", "--checkpoint", ckpt, "--data", f"labels:{other}"])
+    # the wrong kind of data at eval: what the data is for, not a --task that eval does not take
+    with pytest.raises(CheckpointError, match="single-label: it trains and evaluates --task classify models"):
+        main(["--debug", "eval", "--checkpoint", ckpt, "--data", f"folder:{tmp_path}"])
 
 
 def test_train_classify_folder_and_unsupervised_label_list(tmp_path):
@@ -315,15 +319,16 @@ def test_train_classify_folder_and_unsupervised_label_list(tmp_path):
 
 
 def test_task_and_data_mismatch(tiny_set, tmp_path):
-    with pytest.raises(ValueError, match="use --task multilabel"):
+    with pytest.raises(ValueError, match="it trains and evaluates --task multilabel models"):
         main(["--debug", *_args(f"builtin:{tiny_set}", tmp_path / "x", "--task", "classify")])
-    with pytest.raises(ValueError, match="use --task classify"):
+    with pytest.raises(ValueError, match="it trains and evaluates --task classify models"):
         main(["--debug", *_args(f"folder:{tmp_path}", tmp_path / "x", "--task", "multilabel")])
     assert main(_args(f"folder:{tmp_path}", tmp_path / "x", "--task", "multilabel")) == 2  # one line
     # classification specs given to a detector (the default task): the task to use, not "unknown spec"
     for spec, task in ((f"folder:{tmp_path}", "classify"), (f"labels:{tmp_path}", "multilabel")):
         with pytest.raises(
-            ValueError, match=f"is classification data, not detection data: use --task {task}$"
+            ValueError,
+            match=f"is classification data, not detection data: it trains and evaluates --task {task} models$",
         ):
             main(["--debug", *_args(spec, tmp_path / "x")])
     with pytest.raises(SystemExit):

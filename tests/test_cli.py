@@ -222,7 +222,9 @@ def test_spa_warnings_print_one_line_under_the_cli(capsys):
         with _one_line_warnings("data"):
             warn_dropped("set.json", "dropped degenerate boxes", ["ann 1", "ann 2"])
             warnings.warn("old API", DeprecationWarning, stacklevel=1)  # another class: as Python prints it
+            warnings.warn("a library's own note", UserWarning, stacklevel=1)  # not spa's: as Python prints it
         assert warnings.showwarning is before
     err = capsys.readouterr().err
     assert "spa data: warning: set.json: dropped degenerate boxes: 2 (ann 1, ann 2)\n" in err
     assert "old API" not in err  # passed on to Python's own handling (here: pytest's recorder)
+    assert "spa data: warning: a library's own note" not in err

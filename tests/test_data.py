@@ -20,6 +20,7 @@ from spa.data import (
     multi_hot,
     pad_images,
 )
+from spa.errors import SpaWarning
 from spa.labels import batch_selection_labels, box_grid
 from spa.tasks.evaluation import coco_ground_truth, coco_metrics
 
@@ -175,9 +176,7 @@ def test_degenerate_boxes_dropped_with_warning_and_count(tmp_path):
         _ann(5, bbox=(50, 30, 20, 20)),  # partly outside: clipped
     ]
     ann_file, _ = _coco(tmp_path, anns)
-    with pytest.warns(
-        UserWarning, match=r"ann\.json: dropped degenerate boxes .*: 3 \(ann 2, ann 3, ann 4\)"
-    ):
+    with pytest.warns(SpaWarning, match=r"ann\.json: dropped degenerate boxes .*: 3 \(ann 2, ann 3, ann 4\)"):
         ds = CocoDetection(tmp_path, ann_file)
     assert ds.stats["dropped_degenerate"] == 3 and ds.stats["clipped"] == 1
     _, t = ds[0]
@@ -340,7 +339,7 @@ def test_voc_bad_input(tmp_path):
     with pytest.raises(DatasetError, match=r"x1\.xml: corrupt or truncated"):
         VOCDetection(root, "train")[0]
     (root / "Annotations" / "x1.xml").write_text(f"<annotation>{_obj('dog', (10, 1, 5, 10))}</annotation>")
-    with pytest.warns(UserWarning, match=r"x1\.xml: dropped degenerate boxes: 1 \(object 0\)"):
+    with pytest.warns(SpaWarning, match=r"x1\.xml: dropped degenerate boxes: 1 \(object 0\)"):
         _, t = VOCDetection(root, "train")[0]
     assert t["boxes"].shape == (0, 4)
     with pytest.raises(DatasetError, match="degenerate"):

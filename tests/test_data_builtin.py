@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 
 from spa.cli import main
 from spa.data import BUILTIN_CLASSES, CocoDetection, builtin_dataset, ensure_builtin, make_builtin
+from spa.errors import SpaWarning
 from spa.labels import batch_selection_labels, box_grid
 
 
@@ -95,7 +96,7 @@ def test_ensure_builtin_reuses(tmp_path):
     ensure_builtin(tmp_path / "e", images=2, val_images=1, size=64)
     assert (out / "train" / "annotations.json").stat().st_mtime_ns == stamp
     with pytest.warns(
-        UserWarning, match=r"regenerating the built-in set with other settings \(images 2 -> 3\)"
+        SpaWarning, match=r"regenerating the built-in set with other settings \(images 2 -> 3\)"
     ):
         ensure_builtin(tmp_path / "e", images=3, val_images=1, size=64)
     assert len(CocoDetection(out / "train", out / "train" / "annotations.json")) == 3

@@ -17,6 +17,7 @@ from spa.cli import main
 from spa.data import builtin_dataset, collate_detection, detection_transforms, make_builtin
 from spa.engine import CheckpointError, load_checkpoint
 from spa.engine.commands import load_detector
+from spa.errors import SpaWarning
 from spa.labels import batch_selection_labels
 from spa.tasks import build_detector
 from spa.tasks.evaluation import coco_ground_truth, coco_metrics, evaluate_detection, to_coco_results
@@ -305,7 +306,7 @@ def test_evaluation_data_needs_no_training_split_and_a_coco_file_warns(tiny_set,
     (voc / "ImageSets" / "Main" / "val.txt").write_text("v1\n")
     assert len(task.eval_dataset(RunConfig(data=f"voc:{voc}"))) == 1
     train = tiny_set / "train"
-    with pytest.warns(UserWarning, match="evaluating on the training annotations"):
+    with pytest.warns(SpaWarning, match="evaluating on the training annotations"):
         _, val = task.datasets(RunConfig(data=f"coco:{train / 'annotations.json'}:{train}"))
     assert len(val) == 8
 

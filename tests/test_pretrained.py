@@ -19,6 +19,7 @@ from spa.data import make_builtin
 from spa.engine import load_checkpoint
 from spa.engine.commands import RunFolderError, run_training
 from spa.engine.pretrained import PretrainedError, read_pretrained
+from spa.errors import SpaWarning
 
 RUN = dict(
     img_size=64, max_steps=2, batch_size=2, fpn_channels=16, representation_size=32, checkpoint_every=10
@@ -112,7 +113,7 @@ def test_a_file_that_fits_few_backbone_tensors_warns(swin_file, tmp_path):
     state = torch.load(swin_file, weights_only=True)["model"]
     few = tmp_path / "few.pth"
     torch.save({k: v for k, v in state.items() if k.startswith("patch_embed.")}, few)
-    with pytest.warns(UserWarning, match=r"only \d+ of the backbone's \d+ tensors came from it"):
+    with pytest.warns(SpaWarning, match=r"only \d+ of the backbone's \d+ tensors came from it"):
         report = load_pretrained(build_detector(model="spt_nano", num_classes=2, img_size=64), few)
     assert 0 < report.loaded < 10
     with warnings.catch_warnings(record=True) as caught:

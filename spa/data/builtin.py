@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from spa.errors import SpaWarning
+
 __all__ = ["BUILTIN_CLASSES", "BuiltinConfig", "builtin_dataset", "ensure_builtin", "make_builtin"]
 
 BUILTIN_CLASSES = ("coin", "face", "horse", "triangle", "star")
@@ -429,6 +431,7 @@ def ensure_builtin(out: str | Path, **kwargs) -> Path:
             warnings.warn(
                 f"{out}: regenerating the built-in set with other settings ({changed}); runs that used the "
                 "earlier set there now see different data (give each setting its own --data-dir)",
+                SpaWarning,
                 stacklevel=2,
             )
     kwargs = {k: v for k, v in cfg.items() if k != "version"}

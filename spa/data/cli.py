@@ -41,6 +41,7 @@ def _show(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from spa.config import RunConfig
     from spa.data.check import check_dataset
+    from spa.errors import SpaWarning
     from spa.tasks.base import get_task
 
     if args.spec == "builtin" and not (Path(args.data_dir) / "meta.json").is_file():  # a check makes no data
@@ -54,14 +55,14 @@ def _check(args: argparse.Namespace) -> int:
     splits = {"train": None, "val": None}
     # what opening the data repaired or assumed (dropped boxes, no split) goes into the summary as notes
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("always", SpaWarning)
         try:
             splits["train"], splits["val"] = task.datasets(cfg)
         except FileNotFoundError:  # a set with one split only (e.g. VOC val): check what there is
             splits = {"val": task.eval_dataset(cfg)}
-    notes = list(dict.fromkeys(str(w.message) for w in caught if w.category is UserWarning))
-    for w in caught:  # other warnings (deprecations...) as they would have been shown
-        if w.category is not UserWarning:
+    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SpaWarning)))
+    for w in caught:  # other warnings (deprecations, other libraries'...) as they would have been shown
+        if not issubclass(w.category, SpaWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     bad = 0
     for split, dataset in splits.items():

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 
-from spa.errors import SpaError
+from spa.errors import SpaError, SpaWarning
 
 __all__ = ["DatasetError", "check_image_header", "load_rgb", "make_target", "warn_dropped"]
 
@@ -99,4 +99,4 @@ def warn_dropped(source: str, what: str, entries: list[str]) -> None:
     """One warning with the count and the first few entries of dropped/repaired annotations."""
     if entries:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        warnings.warn(f"{source}: {what}: {len(entries)} ({shown})", stacklevel=3)
+        warnings.warn(f"{source}: {what}: {len(entries)} ({shown})", SpaWarning, stacklevel=3)

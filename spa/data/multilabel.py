@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from spa.data.common import DatasetError, load_rgb
+from spa.errors import SpaWarning
 
 __all__ = ["BoxedMultiLabelView", "MultiLabelList", "MultiLabelView", "check_labeled", "multi_hot"]
 
@@ -68,7 +69,7 @@ def check_labeled(view: MultiLabelView, source: str, empty_images: str = "error"
             "use --empty-images drop (or keep, as all-negative examples)"
         )
     if empty:
-        warnings.warn(f"{source}: dropped {len(empty)} image(s) without labels", stacklevel=2)
+        warnings.warn(f"{source}: dropped {len(empty)} image(s) without labels", SpaWarning, stacklevel=2)
         dropped = set(empty)
         view.indices = [i for i in range(len(view)) if i not in dropped]  # type: ignore[attr-defined]
     return view

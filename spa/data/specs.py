@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spa.errors import SpaWarning
+
 __all__ = [
     "DATA_SPEC_HELP",
     "BuiltinOptions",
@@ -97,7 +99,9 @@ def open_detection(
         return VOCDetection(rest, image_set=split, transforms=transforms)
     if kind in ("folder", "labels"):  # classification specs
         task = "classify" if kind == "folder" else "multilabel"
-        raise ValueError(f"{spec!r} is classification data, not detection data: use --task {task}")
+        raise ValueError(
+            f"{spec!r} is classification data, not detection data: it trains and evaluates --task {task} models"
+        )
     raise ValueError(
         f"unknown data spec {spec!r}: use builtin, builtin:DIR, coco:ANN.json:IMAGES or voc:ROOT"
     )
@@ -110,6 +114,7 @@ def open_detection_eval(spec: str, val_spec: str | None = None, builtin: Builtin
         warnings.warn(
             f"{spec} has no split: evaluating on the training annotations (a held-out set: spa train --val-data "
             "SPEC, spa eval --data SPEC)",
+            SpaWarning,
             stacklevel=3,
         )
     return open_detection(val_spec or spec, "val", None, builtin)
@@ -139,13 +144,16 @@ def open_classification(
     kind, _, rest = spec.partition(":")
     if kind == "folder":
         if task != "classify":
-            raise ValueError(f"folder data ({spec}) is single-label: use --task classify")
+            raise ValueError(
+                f"folder data ({spec}) is single-label: it trains and evaluates --task classify models"
+            )
         if not rest:
             raise ValueError(f"folder data spec must be folder:ROOT, got {spec!r}")
         return folder_items(rest, split, classification_transforms(train, img_size), classes)
     if task != "multilabel":
         raise ValueError(
-            f"{kind} data has a set of classes per image: use --task multilabel (--task classify takes folder:ROOT)"
+            f"{kind} data has a set of classes per image: it trains and evaluates --task multilabel models "
+            "(--task classify models take folder:ROOT)"
         )
     if kind == "labels":
         if not rest:

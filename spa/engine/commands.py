@@ -26,7 +26,7 @@ from spa.engine.checkpoint import (
 )
 from spa.engine.distributed import check_device, init_distributed
 from spa.engine.trainer import TrainConfig, Trainer
-from spa.errors import SpaError
+from spa.errors import SpaError, SpaWarning
 from spa.gate import set_keep_threshold
 
 __all__ = [
@@ -196,6 +196,7 @@ def check_resume_config(path: str | Path, stored: dict[str, Any] | None, cfg: Ru
         warnings.warn(
             f"resuming on data at another path ({'; '.join(moved)}): only its size and batches are checked "
             "against the checkpoint's run",
+            SpaWarning,
             stacklevel=2,
         )
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spa.errors import SpaError
+from spa.errors import SpaError, SpaWarning
 
 __all__ = ["PretrainedError", "PretrainedReport", "file_sha256", "load_pretrained", "read_pretrained"]
 
@@ -143,6 +143,7 @@ def load_pretrained(
         warnings.warn(
             f"--pretrained {path}: only {report.loaded} of the backbone's {backbone} tensors came from it, the "
             "others start random: is it a checkpoint of this backbone?",
+            SpaWarning,
             stacklevel=2,
         )
     return report
