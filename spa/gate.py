@@ -52,7 +52,8 @@ _DEFERRED_NAN_CHECKS: contextvars.ContextVar[list | None] = contextvars.ContextV
 
 def _nan_error(name: str) -> ValueError:
     return ValueError(
-        f"{name} contain NaN: the gate cannot decide which tokens to keep (NaN or inf in the input or weights?)"
+        f"{name} contain NaN or inf: the gate cannot decide which tokens to keep, or a kept token would make its "
+        "window NaN (NaN or inf in the input or weights?)"
     )
 
 
@@ -69,17 +70,27 @@ def _deferred_nan_checks():
         _DEFERRED_NAN_CHECKS.reset(token)
 
 
-def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+def _check_logits(logits: torch.Tensor, name: str = "logits", own: torch.Tensor | None = None) -> None:
+    """Refuse NaN ``logits`` (no decision can be made); with ``own`` (a gate's own logits, fused into ``logits``),
+    also a token whose own logit is not finite: inf in a token gives an inf logit, and attention over the token
+    would give its whole window NaN. ``-inf`` in ``logits`` alone (e.g. a caller's "never keep") is allowed."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(
             f"{name} must be a floating point tensor, got {getattr(logits, 'dtype', type(logits))}"
         )
     if logits.dim() != 2:
         raise ValueError(f"{name} must be [B, N], got shape {tuple(logits.shape)}")
+    # ``x - x`` is NaN exactly where ``x`` is NaN or +-inf (fewer ops than ``isfinite``: this runs every block)
+    if own is None:
+        bad = torch.isnan(logits).any()
+    elif own is logits:
+        bad = torch.isnan(own - own).any()
+    else:
+        bad = torch.isnan(logits + (own - own)).any()
     pending = _DEFERRED_NAN_CHECKS.get()
     if pending is not None:
-        pending.append((torch.isnan(logits).any(), name))
-    elif torch.isnan(logits).any():
+        pending.append((bad, name))
+    elif bad:
         raise _nan_error(name)
 
 
@@ -124,6 +135,17 @@ def gumbel_keep(
     ``y > threshold`` and the perturbed soft sample ``y`` (used by the optional straight-through estimator).
     """
     _check_logits(logits)
+    return _gumbel_decision(logits, threshold, temperature, valid, generator)
+
+
+def _gumbel_decision(
+    logits: torch.Tensor,
+    threshold: float,
+    temperature: float,
+    valid: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gumbel_keep`` on logits the caller has checked."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     # noise and decision in at least float32: bf16 / fp16 uniforms are too coarse for logistic noise
@@ -216,8 +238,8 @@ class TokenGate(nn.Module):
             ``all`` (keep every token, no soft factor: the block computes Swin's block where its map is a
             multiple of the window; on other maps Swin also attends over its zero padding, this block does not),
             ``topk`` (the gate's top ``keep_ratio`` of every image) or ``random`` (``keep_ratio`` random tokens
-            of every image). NaN checks run where a keep decision is made, so ``all`` passes NaN through as
-            timm's Swin does.
+            of every image). NaN / inf checks run where a keep decision is made, so ``all`` passes NaN through
+            as timm's Swin does.
         keep_threshold: keep where the (perturbed) keep probability exceeds this.
         temperature: Gumbel temperature in training.
         keep_ratio: ratio for ``topk`` and ``random``.
@@ -299,9 +321,10 @@ class TokenGate(nn.Module):
         soft: torch.Tensor | None = None
         if self.select == "gate":
             if self.training:
-                keep, sample = gumbel_keep(fused, self.keep_threshold, self.temperature, valid)
+                _check_logits(fused, own=own)
+                keep, sample = _gumbel_decision(fused, self.keep_threshold, self.temperature, valid)
             else:
-                _check_logits(fused)
+                _check_logits(fused, own=own)
                 if self.straight_through:
                     sample = torch.sigmoid(fused)
                 soft = torch.sigmoid(fused)
@@ -309,13 +332,13 @@ class TokenGate(nn.Module):
                 if valid is not None:
                     keep = keep & valid
         elif self.select == "topk":
-            _check_logits(fused)
+            _check_logits(fused, own=own)
             if valid is None:
                 keep = _top_of_all(fused, _ratio_count(fused.shape[1], self.keep_ratio))
             else:
                 keep = keep_top(fused, _ratio_counts(valid, self.keep_ratio), valid)
         else:
-            _check_logits(fused)
+            _check_logits(fused, own=own)
             if valid is None:
                 count = _ratio_count(fused.shape[1], self.keep_ratio)  # checks the ratio before drawing
                 keep = _top_of_all(torch.rand(fused.shape, device=fused.device), count)

@@ -309,6 +309,17 @@ def test_nan_logits_still_raise_in_the_block(select, train):
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="NaN"):
         block.gate(bad.reshape(2, 196, 16))
+    # inf in a token: a finite-looking decision, but attention over that token would NaN its whole window
+    for value in (float("inf"), float("-inf")):
+        worse = x.clone()
+        worse[1, 3, 4, 0] = value
+        with pytest.raises(ValueError, match="logits contain NaN or inf"):
+            block(worse)
+        with pytest.raises(ValueError, match="logits contain NaN or inf"):
+            block(worse, torch.zeros(2, 14, 14))  # fused with finite previous logits too
+    never = torch.full((2, 14, 14), float("-inf"))  # -inf previous logits ("never keep" from before): allowed
+    out, _ = block(x, never)
+    assert torch.isfinite(out).all()
 
 
 def test_select_all_ignores_nan_logits_as_before() -> None:
