@@ -183,7 +183,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     block = kinds.add_parser("block", help="one SPA block vs timm's dense Swin block (stage-3 shape)")
-    block.add_argument("--json", help="write records to this JSON file")
+    block.add_argument(
+        "--json",
+        help='write {"environment": ..., "records": [...]} to this JSON file (backbone and detector write the records alone, each with its env_* fields)',
+    )
     block.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     block.add_argument("--resolution", type=int, default=14, help="feature map side (tokens)")
     block.add_argument("--dim", type=int, default=384, help="channels (default 384: stage 3 of Swin-T)")
