@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from spa.attention import (
     PackedAttention,
     TableBias,
-    _flex,
     _RowsMathAttention,
     allowed_pairs,
     packed_attention,
@@ -262,18 +261,6 @@ def test_allowed_pairs_never_sees_padding_or_other_segments():
         [False, False, False, True],  # padding row sees only itself (never empty)
     ]
     assert allowed[1].all()
-
-
-def test_flex_kernel_matches_sdpa_forward():
-    """The ``varlen`` backend's FlexAttention path, run eagerly on CPU (forward only)."""
-    x = torch.randn(3, 20, DIM)
-    keep = torch.rand(3, 20) < 0.6
-    packed = pack(x, keep, 7)
-    q, k, v = (torch.randn(packed.num_containers, HEADS, 7, 4) for _ in range(3))
-    flex = _flex(q, k, v, packed, pair_bias, pair_mask, None)
-    sdpa = packed_attention(q, k, v, packed, pair_bias, pair_mask, backend="sdpa")
-    real = (packed.image >= 0)[:, None, :, None].expand_as(sdpa)
-    torch.testing.assert_close(flex[real], sdpa[real], atol=1e-5, rtol=1e-5)
 
 
 def test_varlen_on_cpu_says_it_needs_cuda():

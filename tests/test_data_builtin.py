@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 import numpy as np
 import pytest
@@ -122,10 +121,12 @@ def test_an_interrupted_regeneration_is_not_reused(tmp_path, monkeypatch):
     assert len(CocoDetection(out / "train", out / "train" / "annotations.json")) == 2
 
 
-def test_default_set_is_fast(tmp_path):
-    t0 = time.perf_counter()
-    make_builtin(tmp_path / "d", images=64, val_images=0)  # the default 256 px
-    assert time.perf_counter() - t0 < 20.0
+def test_default_size_set_is_complete(tmp_path):
+    root = make_builtin(tmp_path / "d", images=64, val_images=0)  # the default 256 px (no timing asserted)
+    train = CocoDetection(root / "train", root / "train" / "annotations.json")
+    assert len(train) == 64 and len(list((root / "train" / "images").glob("*.png"))) == 64
+    image, target = train[0]
+    assert tuple(image.shape[-2:]) == (256, 256) and len(target["boxes"]) > 0
 
 
 def test_cli_make_and_show(tmp_path, capsys):

@@ -60,8 +60,10 @@ def test_shape_mismatch_is_a_clear_error():
 def test_labels_that_are_not_bce_targets_or_miss_a_stride_are_refused():
     sels = [_sel(torch.zeros(1, 2, 2), 16), _sel(torch.zeros(1, 1, 1), 32, stage=3)]
     ok = {16: torch.ones(1, 2, 2), 32: torch.zeros(1, 1, 1)}
-    assert selection_loss(sels, ok)["loss_select"] > 0
-    assert selection_loss(sels, {16: torch.ones(1, 2, 2, dtype=torch.bool), 32: torch.zeros(1, 1, 1)})
+    loss = selection_loss(sels, ok)["loss_select"]
+    assert loss > 0
+    as_bool = selection_loss(sels, {16: torch.ones(1, 2, 2, dtype=torch.bool), 32: torch.zeros(1, 1, 1)})
+    torch.testing.assert_close(as_bool["loss_select"], loss)  # a bool mask is the same 0/1 labels
     for bad, match in ((255.0, r"in \[0, 1\].*got values in \[0, 255\]"), (-1.0, r"\[-1, 0\]"),
                        (float("nan"), "and NaN")):  # fmt: skip
         labels = {16: torch.zeros(1, 2, 2), 32: torch.zeros(1, 1, 1)}
