@@ -907,7 +907,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--full",
         action="store_true",
         help="a longer run: 2048 training / 500 validation images, 1000 steps of batch 8, 3 seeds, 1000 "
-        "pretraining steps (103 minutes on 2 idle cores, measured)",
+        "pretraining steps (103 minutes on this project's 2-core machine, measured once with light work beside it)",
     )
     demo.add_argument(
         "--steps",

@@ -63,6 +63,14 @@ def test_pretrained_swin_file_starts_the_backbone(data, swin_file, tmp_path, mod
     stored = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["extra"]["pretrained"]
     assert stored["sha256"] == report.sha256 and stored["path"] == str(swin_file.resolve())
     assert json.loads((tmp_path / "run" / "pretrained.json").read_text())["loaded"] == report.loaded
+    if model == "spt_nano":  # a resume that names another file: told that it is not read
+        other = tmp_path / "other.pth"
+        other.write_bytes(swin_file.read_bytes())
+        cfg = _cfg(data, tmp_path / "run", model=model, pretrained=str(other), max_steps=2, lr=1e-12,
+                   warmup_steps=0)  # fmt: skip
+        with pytest.warns(SpaWarning, match=r"--pretrained .*other\.pth is not read on resume"):
+            run_training(cfg, resume=str(tmp_path / "run" / "checkpoints" / "last.pt"), evaluate=False,
+                         progress=False, log=False)  # fmt: skip
 
 
 def test_pretrained_from_an_spa_checkpoint_and_yaml_key(data, swin_file, tmp_path):

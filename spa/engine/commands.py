@@ -273,6 +273,13 @@ def run_training(
         check_resume_config(resume, stored, cfg)
         resumed_pretrained = (state.get("extra") or {}).get("pretrained")
         if stored is not None:  # what the run started from, not a file this resume would ignore
+            if cfg.pretrained and cfg.pretrained != stored.get("pretrained"):
+                warnings.warn(
+                    f"--pretrained {cfg.pretrained} is not read on resume: the weights come from {resume} "
+                    f"(the run started from {stored.get('pretrained') or 'a random init'})",
+                    SpaWarning,
+                    stacklevel=2,
+                )
             cfg.pretrained = stored.get("pretrained")
             for name in _spt_defaults():  # checked equal above: the stored spelling (None or the default)
                 if name in stored:
