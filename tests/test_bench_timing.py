@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 
 from spa.bench.timing import CacheEvictor, cache_evictor, environment, interleaved_rounds, median_ratio
@@ -93,6 +95,21 @@ def test_median_ratio_pairs_rounds():
 
 def test_environment_keys():
     assert {"torch", "threads", "device", "processor", "python"} <= environment().keys()
+
+
+def test_cpu_model_names_the_host(tmp_path):
+    from spa.bench.timing import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    entry = (
+        "processor\t: {}\nmodel\t\t: 167\nmodel name\t: Intel(R) Xeon(R) Processor\ncache size\t: 491520 KB\n"
+    )
+    info.write_text(entry.format(0) + "\n" + entry.format(1).replace("167", "85"))
+    assert cpu_model(info) == "Intel(R) Xeon(R) Processor (model 167, cache 491520 KB)"  # the first entry
+    info.write_text("processor\t: 0\nmodel name\t: Neoverse\n")
+    assert cpu_model(info) == "Neoverse"
+    assert cpu_model(tmp_path / "missing") == (platform.processor() or platform.machine())
+    assert environment()["processor"] == cpu_model()
 
 
 def test_before_each_runs_untimed_before_every_timed_call_and_not_in_warmup():

@@ -421,3 +421,58 @@ def test_copies_and_pickles_of_a_block_leave_the_caches_behind() -> None:
         again, _ = other(x)
         assert torch.equal(again, out)
         assert other.geometry(14, 14, "cpu") is block.geometry(14, 14, "cpu")  # the shared one again
+
+
+def _timm_block_without_padding_keys(swin, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``SwinTransformerBlock`` forward, from its own modules and helpers, with one change: the zero
+    padding that timm appends to a map that is not a multiple of the window is masked out of the keys."""
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    _, H, W, C = x.shape
+    (wh, ww), (sh, sw) = swin.window_size, swin.shift_size
+    h = swin.norm1(x)
+    if sh or sw:
+        h = torch.roll(h, shifts=(-sh, -sw), dims=(1, 2))
+    pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
+    h = F.pad(h, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = h.shape[1:3]
+    real = F.pad(torch.ones(1, H, W, 1), (0, 0, 0, pad_w, 0, pad_h))
+    real = window_partition(real, (wh, ww)).reshape(-1, wh * ww)  # [windows, N]
+    mask = torch.zeros(real.shape[0], wh * ww, wh * ww) if swin.attn_mask is None else swin.attn_mask.clone()
+    mask = mask.masked_fill(real[:, None, :] == 0, float("-inf"))
+    windows = swin.attn(window_partition(h, (wh, ww)).reshape(-1, wh * ww, C), mask=mask)
+    out = window_reverse(windows.reshape(-1, wh, ww, C), (wh, ww), Hp, Wp)[:, :H, :W]
+    if sh or sw:
+        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+    y = x + out
+    return y + swin.mlp(swin.norm2(y))
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_select_all_where_the_map_is_not_a_multiple_of_the_window(shift: int) -> None:
+    """Border windows are partial there, and (spec step 5) the kept tokens, in window order, are cut into chunks
+    of 49 that can span them: ``select='all'`` follows that rule (the reference), so it is not timm's block
+    there, neither timm as it is (it attends over zero padding) nor timm with the padding masked out (its
+    windows are not the chunks). Where the partial windows fill chunks by themselves it is the latter."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    torch.manual_seed(0)
+    for size, chunks_are_windows in (((10, 10), False), ((7, 16), True)):
+        swin = SwinTransformerBlock(16, size, 2, window_size=7, shift_size=shift).eval()
+        block = SPABlock(16, size, 2, window_size=7, shift_size=shift, select="all").eval()
+        result = block.load_state_dict(swin.state_dict(), strict=False)
+        assert sorted(result.missing_keys) == ["gate.proj.bias", "gate.proj.weight"]
+        x = torch.randn(2, *size, 16)
+        keep = torch.ones(2, *size, dtype=torch.bool)
+        with torch.no_grad():
+            out, _ = block(x)
+            without_padding = _timm_block_without_padding_keys(swin, x)
+            plain = swin(x)
+            torch.testing.assert_close(out, reference_block(block, x, keep), atol=1e-5, rtol=0)
+        # per image two full chunks of 49 (and a tail of 2 or 14 tokens): the two tails share one container
+        assert block.last_packed.num_containers == 5
+        assert (out - plain).abs().max() > 1e-3  # timm's zero padding changes its output
+        if chunks_are_windows:  # 7 x 16: windows of 49, 49 and 14 tokens, each a chunk of its own
+            torch.testing.assert_close(out, without_padding, atol=1e-5, rtol=1e-5)
+        else:
+            assert (out - without_padding).abs().max() > 1e-3

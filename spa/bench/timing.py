@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -196,11 +197,32 @@ def _version(module: str) -> str | None:
         return None
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name, model number and cache as Linux reports them (e.g. ``Intel(R) Xeon(R) Processor
+    (model 167, cache 491520 KB)``: hosts that share a name can differ in speed); else ``platform.processor()``."""
+    fields: dict[str, str] = {}
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = ""
+    for line in text.split("\n\n", 1)[0].splitlines():  # the first processor's entry
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    details = [
+        f"{label} {fields[key]}"
+        for key, label in (("model", "model"), ("cache size", "cache"))
+        if fields.get(key)
+    ]
+    return f"{name} ({', '.join(details)})" if details else name
+
+
 def environment(device: str | torch.device = "cpu") -> dict:
-    """The machine and software a benchmark ran on (``device_name``: the GPU's name on CUDA, else the
-    processor; on CUDA also its capability and memory, and the CUDA / cuDNN versions torch was built with)."""
+    """The machine and software a benchmark ran on (``device_name``: the GPU's name on CUDA, else the CPU's
+    model, ``cpu_model``; on CUDA also its capability and memory, and the CUDA / cuDNN versions torch was built
+    with)."""
     device = torch.device(device)
-    processor = platform.processor() or platform.machine()
+    processor = cpu_model()
     env = {
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
