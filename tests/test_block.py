@@ -25,8 +25,12 @@ def _region(index: int, padded: int, window: int, shift: int) -> int:
     return 1 if index < padded - shift else 2
 
 
-def reference_block(block: SPABlock, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Loops over images, chunks and token pairs; the block's weights, the spec's rules."""
+def reference_block(
+    block: SPABlock, x: torch.Tensor, keep: torch.Tensor, stream: bool = False
+) -> torch.Tensor:
+    """Loops over images, chunks and token pairs; the block's weights, the spec's rules. ``stream``: the paper's
+    one stream, image after image, cut into chunks that may straddle two images (tokens attend only within
+    their own image); else each image's kept tokens are cut into chunks by themselves (spec step 5)."""
     B, H, W, _ = x.shape
     M = block.target_window[0]
     wh, ww, sh, sw = _window_shift(H, W, M, block.target_shift[0])
@@ -40,8 +44,9 @@ def reference_block(block: SPABlock, x: torch.Tensor, keep: torch.Tensor) -> tor
     own = block.gate.proj(x).squeeze(-1)
     soft = None if block.gate.select == "all" else torch.sigmoid(own)
     out = x.clone()
+    sequences = []  # per image: (image, rolled row, rolled col, image row, image col) of kept tokens, window order
     for b in range(B):
-        sequence = []  # (rolled row, rolled col, image row, image col) of kept tokens in window order
+        sequence = []
         for wr in range(hp // wh):
             for wc in range(wp // ww):
                 for i in range(wh):
@@ -50,20 +55,24 @@ def reference_block(block: SPABlock, x: torch.Tensor, keep: torch.Tensor) -> tor
                         if r < H and c < W:
                             ir, ic = (r + sh) % H, (c + sw) % W
                             if keep[b, ir, ic]:
-                                sequence.append((r, c, ir, ic))
+                                sequence.append((b, r, c, ir, ic))
+        sequences.append(sequence)
+    if stream:
+        sequences = [[token for sequence in sequences for token in sequence]]
+    for sequence in sequences:
         for start in range(0, len(sequence), L):
             chunk = sequence[start : start + L]
-            tokens = torch.stack([x[b, ir, ic] for _, _, ir, ic in chunk])
+            tokens = torch.stack([x[b, ir, ic] for b, _, _, ir, ic in chunk])
             qkv = F.linear(block.norm1(tokens), block.attn.qkv.weight, block.attn.qkv.bias)
             q, k, v = qkv.view(len(chunk), 3, heads, hd).unbind(1)
             attended = []
-            for i, (ri, ci, _, _) in enumerate(chunk):
+            for i, (bi, ri, ci, _, _) in enumerate(chunk):
                 logits, values = [], []
-                for j, (rj, cj, _, _) in enumerate(chunk):
+                for j, (bj, rj, cj, _, _) in enumerate(chunk):
                     same_region = _region(ri, hp, wh, sh) == _region(rj, hp, wh, sh) and _region(
                         ci, wp, ww, sw
                     ) == _region(cj, wp, ww, sw)
-                    if not same_region:
+                    if bi != bj or not same_region:
                         continue
                     dh = max(-(th - 1), min(th - 1, ri - rj)) + th - 1
                     dw = max(-(tw - 1), min(tw - 1, ci - cj)) + tw - 1
@@ -73,7 +82,7 @@ def reference_block(block: SPABlock, x: torch.Tensor, keep: torch.Tensor) -> tor
                 weights = torch.stack(logits).softmax(0)  # [n, heads]
                 attended.append((weights[:, :, None] * torch.stack(values)).sum(0).reshape(-1))
             update = block.attn.proj(torch.stack(attended))
-            for i, (_, _, ir, ic) in enumerate(chunk):
+            for i, (b, _, _, ir, ic) in enumerate(chunk):
                 factor = 1.0 if soft is None else soft[b, ir, ic]
                 y = x[b, ir, ic] + factor * update[i]
                 out[b, ir, ic] = y + block.mlp(block.norm2(y))
@@ -147,7 +156,13 @@ def test_layouts_agree(shift: int) -> None:
             outputs[layout] = block(x, keep=keep)[0]
     for layout in ("padded", "masked"):
         torch.testing.assert_close(outputs[layout], outputs["containers"], atol=1e-5, rtol=0)
-    assert outputs["stream"].shape == x.shape and torch.isfinite(outputs["stream"]).all()
+    # the paper's one stream: chunks straddle images, so its outputs differ, and match the stream reference
+    torch.manual_seed(0)
+    block = _block((10, 12), shift, layout="stream")
+    with torch.no_grad():
+        expected = reference_block(block, x, keep, stream=True)
+    torch.testing.assert_close(outputs["stream"], expected, atol=1e-5, rtol=0)
+    assert (outputs["stream"] - outputs["containers"]).abs().max() > 1e-3
     assert torch.equal(outputs["stream"][~keep], x[~keep])
 
 

@@ -273,7 +273,7 @@ def test_resume_needs_a_run_folder_and_tolerates_moved_data_and_spelled_out_defa
 
 def test_two_process_gloo_training_with_a_rank_that_keeps_nothing(tiny_set, tmp_path):
     script = Path(__file__).parent / "scripts" / "ddp_zero_keep.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     subprocess.run([*cmd, str(script), str(tiny_set), str(tmp_path)], check=True, env=ENV, timeout=600,
                    capture_output=True)  # fmt: skip
     rank0 = json.loads((tmp_path / "kept_rank0.json").read_text())

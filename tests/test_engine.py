@@ -211,7 +211,7 @@ def test_two_process_resume_restores_every_ranks_random_state(tmp_path):
     """Under DDP each rank draws its own dropout noise; a resumed run must give each rank back its own
     state (not rank 0's), so that it ends with the uninterrupted run's weights."""
     script = Path(__file__).parent / "scripts" / "ddp_resume.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*cmd, str(script), str(tmp_path)], check=True, env=env, timeout=300, capture_output=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
