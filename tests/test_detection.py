@@ -205,7 +205,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_set, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
 
 
-def test_resume_keeps_the_stored_configuration_and_a_refusal_writes_nothing(tiny_set, tmp_path, capsys):
+def test_resume_keeps_the_stored_configuration_and_a_refusal_writes_nothing(
+    tiny_set, tmp_path, capsys, monkeypatch
+):
     run = tmp_path / "run"
     args = ["--data", f"builtin:{tiny_set}", "--img-size", "64", "--batch-size", "2", "--lr", "1e-3"]
     assert main(["train", *args, "--max-steps", "2", "--no-eval", "--quiet", "--out", str(run)]) == 0
@@ -221,7 +223,12 @@ def test_resume_keeps_the_stored_configuration_and_a_refusal_writes_nothing(tiny
         assert named in err and "leave these out (flags or --config)" in err and err.count("\n") == 1
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
     # no flags: the stored configuration, in the checkpoint's run folder; a longer run may be asked for
+    import spa.engine.commands as commands
+
+    reads = []
+    monkeypatch.setattr(commands, "load_checkpoint", lambda path: reads.append(path) or load_checkpoint(path))
     assert main(["train", "--resume", str(ckpt), "--max-steps", "3", "--no-eval", "--quiet"]) == 0
+    assert reads == [str(ckpt)]  # the checkpoint is read once (configuration, checks and trainer)
     assert "resumed at step 2" in capsys.readouterr().out
     assert load_checkpoint(ckpt)["step"] == 3 and sorted(_losses(run)) == [1, 2, 3]
     stored = (run / "config.yaml").read_text()

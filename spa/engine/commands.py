@@ -241,10 +241,12 @@ def run_training(
     device: str | None = None,
     log: bool = True,
     overwrite: bool = False,
+    resume_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train (and evaluate) one run of any task; returns ``{"summary", "eval" (main process, when
     ``evaluate``), "model", "pretrained" (the load report, if any)}``. Writes ``OUT/config.yaml``,
-    checkpoints and ``OUT/eval.json``.
+    checkpoints and ``OUT/eval.json``. ``resume_state``: the checkpoint ``resume`` names, if the caller has
+    already read it (``load_checkpoint(resume)``; it is not read again).
 
     Paths in ``cfg`` (data specs, ``data_dir``, ``pretrained``) are made absolute first, so the stored
     configuration opens from any folder. A ``--pretrained`` file is read and checked before any data is
@@ -267,7 +269,7 @@ def run_training(
     if resume is None:
         cfg.check_options()
     else:  # before any data is read
-        state = load_checkpoint(resume)
+        state = load_checkpoint(resume) if resume_state is None else resume_state
         check_resumable(resume, state)
         stored = stored_run_config(state)
         check_resume_config(resume, stored, cfg)
@@ -373,11 +375,10 @@ def _yaml_sets(config_file: str | None, name: str) -> bool:
 
 def _run_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(RunConfig)}
-    base = None
+    base = state = None
     if args.resume is not None:  # the stored configuration, under the YAML file and the flags given
-        from spa.engine.checkpoint import load_checkpoint
-
-        base = stored_run_config(load_checkpoint(args.resume)) or {}
+        state = load_checkpoint(args.resume)  # read once: run_training checks and loads the same state
+        base = stored_run_config(state) or {}
         base.pop("out", None)  # stored as given (maybe relative to another folder): never trusted
         run = run_folder_of(args.resume)
         if run is not None:  # continue in the run folder the checkpoint is in
@@ -395,6 +396,7 @@ def _run_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=args.device,
         overwrite=args.overwrite,
+        resume_state=state,
     )
     return 0
 
