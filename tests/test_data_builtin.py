@@ -113,7 +113,7 @@ def test_an_interrupted_regeneration_is_not_reused(tmp_path, monkeypatch):
         return real(out, split, *args)
 
     monkeypatch.setattr(builtin, "_make_split", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), pytest.warns(SpaWarning, match="regenerating the built-in set"):
         ensure_builtin(out, images=3, val_images=1, size=64)  # train rewritten with 3 images, then stopped
     monkeypatch.setattr(builtin, "_make_split", real)
     assert not (out / "meta.json").exists()
