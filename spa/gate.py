@@ -73,7 +73,8 @@ def _deferred_nan_checks():
 def _check_logits(logits: torch.Tensor, name: str = "logits", own: torch.Tensor | None = None) -> None:
     """Refuse NaN ``logits`` (no decision can be made); with ``own`` (a gate's own logits, fused into ``logits``),
     also a token whose own logit is not finite: inf in a token gives an inf logit, and attention over the token
-    would give its whole window NaN. ``-inf`` in ``logits`` alone (e.g. a caller's "never keep") is allowed."""
+    would give its whole window NaN. ``+-inf`` in ``logits`` alone (e.g. a caller's previous logits meaning
+    "always" / "never keep") is allowed."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(
             f"{name} must be a floating point tensor, got {getattr(logits, 'dtype', type(logits))}"

@@ -109,6 +109,8 @@ def test_cpu_model_names_the_host(tmp_path):
     info.write_text("processor\t: 0\nmodel name\t: Neoverse\n")
     assert cpu_model(info) == "Neoverse"
     assert cpu_model(tmp_path / "missing") == (platform.processor() or platform.machine())
+    info.write_bytes(b"processor\t: 0\nmodel name\t: Caf\xe9 CPU\n")  # not UTF-8: read, not a crash
+    assert cpu_model(info).startswith("Caf") and cpu_model(info).endswith(" CPU")
     assert environment()["processor"] == cpu_model()
 
 

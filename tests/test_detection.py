@@ -223,12 +223,32 @@ def test_resume_keeps_the_stored_configuration_and_a_refusal_writes_nothing(
         assert named in err and "leave these out (flags or --config)" in err and err.count("\n") == 1
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
     # no flags: the stored configuration, in the checkpoint's run folder; a longer run may be asked for
-    import spa.engine.commands as commands
+    import gc
+    import weakref
 
-    reads = []
-    monkeypatch.setattr(commands, "load_checkpoint", lambda path: reads.append(path) or load_checkpoint(path))
+    import spa.engine.commands as commands
+    from spa.engine.trainer import Trainer
+
+    reads, tensors, alive = [], [], []
+
+    def read(path):
+        reads.append(path)
+        state = load_checkpoint(path)
+        tensors.append(weakref.ref(next(iter(state["model"].values()))))
+        return state
+
+    def train(self):
+        gc.collect()
+        alive.extend(ref() is not None for ref in tensors)
+        return real_train(self)
+
+    real_train = Trainer.train
+    monkeypatch.setattr(commands, "load_checkpoint", read)
+    monkeypatch.setattr(Trainer, "train", train)
     assert main(["train", "--resume", str(ckpt), "--max-steps", "3", "--no-eval", "--quiet"]) == 0
     assert reads == [str(ckpt)]  # the checkpoint is read once (configuration, checks and trainer)
+    assert alive == [False]  # and nothing holds its tensors while training runs
+    monkeypatch.undo()
     assert "resumed at step 2" in capsys.readouterr().out
     assert load_checkpoint(ckpt)["step"] == 3 and sorted(_losses(run)) == [1, 2, 3]
     stored = (run / "config.yaml").read_text()

@@ -202,7 +202,7 @@ def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     (model 167, cache 491520 KB)``: hosts that share a name can differ in speed); else ``platform.processor()``."""
     fields: dict[str, str] = {}
     try:
-        text = Path(cpuinfo).read_text()
+        text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
         text = ""
     for line in text.split("\n\n", 1)[0].splitlines():  # the first processor's entry

@@ -246,7 +246,8 @@ def run_training(
     """Train (and evaluate) one run of any task; returns ``{"summary", "eval" (main process, when
     ``evaluate``), "model", "pretrained" (the load report, if any)}``. Writes ``OUT/config.yaml``,
     checkpoints and ``OUT/eval.json``. ``resume_state``: the checkpoint ``resume`` names, if the caller has
-    already read it (``load_checkpoint(resume)``; it is not read again).
+    already read it (``load_checkpoint(resume)``; it is not read again). Hand it over without keeping a
+    reference (e.g. ``resume_state=holder.pop()``), or its tensors stay in memory for the whole run.
 
     Paths in ``cfg`` (data specs, ``data_dir``, ``pretrained``) are made absolute first, so the stored
     configuration opens from any folder. A ``--pretrained`` file is read and checked before any data is
@@ -327,6 +328,9 @@ def run_training(
     if resume is not None:
         trainer.resume(resume, state)  # every check first: a refused resume leaves the run folder as it was
         del state
+        resume_state = (
+            None  # nothing holds the checkpoint's tensors through training (the caller hands it over)
+        )
     if dist_info.is_main:
         import yaml
 
@@ -375,10 +379,11 @@ def _yaml_sets(config_file: str | None, name: str) -> bool:
 
 def _run_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(RunConfig)}
-    base = state = None
+    base = None
+    read: list[dict[str, Any]] = []  # the checkpoint, read once; handed over to run_training, not kept here
     if args.resume is not None:  # the stored configuration, under the YAML file and the flags given
-        state = load_checkpoint(args.resume)  # read once: run_training checks and loads the same state
-        base = stored_run_config(state) or {}
+        read.append(load_checkpoint(args.resume))
+        base = stored_run_config(read[0]) or {}
         base.pop("out", None)  # stored as given (maybe relative to another folder): never trusted
         run = run_folder_of(args.resume)
         if run is not None:  # continue in the run folder the checkpoint is in
@@ -396,7 +401,7 @@ def _run_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=args.device,
         overwrite=args.overwrite,
-        resume_state=state,
+        resume_state=read.pop() if read else None,
     )
     return 0
 
