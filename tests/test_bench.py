@@ -46,6 +46,37 @@ def test_cli_writes_json(tmp_path):
         ("containers", "fwd+bwd"),
     ]
     assert [r["backend"] for r in data["records"] if r["layout"] != "dense"] == ["sdpa", "sdpa"]
+    assert data["cost_fit"] == []  # one keep ratio: no line to fit
+
+
+def test_cost_fit_splits_fixed_and_per_token_cost():
+    from spa.bench.block import cost_fit, format_cost_fit
+
+    def rec(pass_, layout, kept, ratio, backend="math"):
+        return {"pass": pass_, "layout": layout, "keep_ratio": kept, "kept_fraction": kept,
+                "ratio_to_dense": ratio, "backend": None if layout == "dense" else backend}  # fmt: skip
+
+    records = [rec("fwd", "dense", 1.0, 1.0)]
+    records += [rec("fwd", "containers", k, 0.05 + 0.95 * k) for k in (1.0, 0.5, 0.25)]  # on a line
+    records += [rec("fwd", "masked", k, 1.3) for k in (1.0, 0.5, 0.25)]  # saves nothing: slope 0
+    records += [rec("fwd", "stream", 0.5, 0.6)]  # one point: not fitted
+    fits = {f["layout"]: f for f in cost_fit(records)}
+    assert set(fits) == {"containers", "masked"}  # never the dense baseline itself
+    assert fits["containers"]["fixed"] == pytest.approx(0.05) and fits["containers"][
+        "per_token"
+    ] == pytest.approx(0.95)
+    assert (
+        fits["containers"]["max_residual"] == pytest.approx(0, abs=1e-9) and fits["containers"]["points"] == 3
+    )
+    assert fits["masked"]["per_token"] == pytest.approx(0, abs=1e-9) and fits["masked"][
+        "fixed"
+    ] == pytest.approx(1.3)
+    bent = records[:1] + [rec("fwd", "containers", k, v) for k, v in ((1.0, 1.0), (0.5, 0.3), (0.25, 0.3))]
+    assert cost_fit(bent)[0]["max_residual"] > 0.05  # a line that does not describe the rows says so
+    assert "| fwd | containers | 0.050 | 0.950 | 3 | 0.000 |" in format_cost_fit(cost_fit(records))
+    assert format_cost_fit([]) == ""
+    real = cost_fit(bench_block(keep_ratios=(1.0, 0.3), **SMALL))  # every layout and pass of a real run
+    assert len(real) == 2 * 4 and all(f["points"] == 2 for f in real)
 
 
 def test_bench_block_evicts_caches_before_every_timed_call(monkeypatch):

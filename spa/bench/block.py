@@ -24,6 +24,7 @@ ops, is the part that grows most when the caches are cold).
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,7 +36,7 @@ from spa.errors import ConfigError
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
 
-__all__ = ["bench_block", "format_table"]
+__all__ = ["bench_block", "cost_fit", "format_cost_fit", "format_table"]
 
 
 def _step(
@@ -201,5 +202,55 @@ def format_table(records: list[dict]) -> str:
         )
         if memory:
             line += f" {r.get('peak_mem_mb') or 0:.0f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cost_fit(records: list[dict]) -> list[dict]:
+    """The line ``ratio_to_dense = fixed + per_token * kept`` (least squares over the keep ratios) of every pass,
+    layout and backend of ``bench_block`` records with two or more kept fractions.
+
+    ``fixed`` is the part of a step that does not shrink with the kept tokens (the gate on every token, the
+    packing plan, the residual's copy of the map, op dispatch), ``per_token`` what a kept token costs against a
+    dense one; ``max_residual`` says how well a line describes the rows. A host whose small ops are slower
+    shows a larger ``fixed`` at the same ``per_token``, which is why the ratios move between hosts.
+    """
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    for r in records:
+        if r["layout"] != "dense":
+            key = (r["pass"], r["layout"], r.get("backend"))
+            groups.setdefault(key, []).append(
+                (float(r.get("kept_fraction", r["keep_ratio"])), r["ratio_to_dense"])
+            )
+    fits = []
+    for (pass_, layout, backend), points in groups.items():
+        kept = [k for k, _ in points]
+        if len(set(kept)) < 2:
+            continue
+        ratios = [v for _, v in points]
+        per_token, fixed = statistics.linear_regression(kept, ratios)
+        residual = max(abs(v - (fixed + per_token * k)) for k, v in points)
+        fits.append(
+            {"pass": pass_, "layout": layout, "backend": backend, "fixed": round(fixed, 4),
+             "per_token": round(per_token, 4), "points": len(points), "max_residual": round(residual, 4)}
+        )  # fmt: skip
+    return fits
+
+
+def format_cost_fit(fits: list[dict]) -> str:
+    """Markdown table of ``cost_fit`` (empty when nothing could be fitted)."""
+    if not fits:
+        return ""
+    backends = len({f["backend"] for f in fits}) > 1
+    head = (
+        "| pass |"
+        + (" backend |" if backends else "")
+        + " layout | fixed | per kept token | points | max residual |"
+    )
+    lines = ["time / dense = fixed + per kept token x kept fraction (least squares over the keep ratios):", "",
+             head, "|" + "---|" * (head.count("|") - 1)]  # fmt: skip
+    for f in fits:
+        line = f"| {f['pass']} |" + (f" {f['backend']} |" if backends else "")
+        line += f" {f['layout']} | {f['fixed']:.3f} | {f['per_token']:.3f} | {f['points']} | {f['max_residual']:.3f} |"
         lines.append(line)
     return "\n".join(lines)

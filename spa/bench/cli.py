@@ -10,7 +10,7 @@ import torch
 
 from spa.attention import BACKENDS
 from spa.bench.backbone import SPT_KEEP_RATIOS, bench_backbone, format_backbone_table
-from spa.bench.block import bench_block, format_table
+from spa.bench.block import bench_block, cost_fit, format_cost_fit, format_table
 from spa.bench.detector import DETECTOR_KEEP_RATIOS, DetectorHeads, bench_detector, format_detector_table
 from spa.bench.timing import AMP_MODES, DEVICES, BenchDevice
 from spa.engine.checkpoint import check_output_file
@@ -75,9 +75,12 @@ def _run_block(args: argparse.Namespace) -> int:
         progress=lambda msg: print(f"[bench block] {msg}", flush=True),
     )
     print(format_table(records))
+    fits = cost_fit(records)
+    if fits:
+        print("\n" + format_cost_fit(fits))
     if args.json:
         env = BenchDevice.resolve(args.device, args.amp).environment()
-        _write_json(args.json, {"environment": env, "records": records})
+        _write_json(args.json, {"environment": env, "records": records, "cost_fit": fits})
     return 0
 
 
@@ -185,7 +188,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     block = kinds.add_parser("block", help="one SPA block vs timm's dense Swin block (stage-3 shape)")
     block.add_argument(
         "--json",
-        help='write {"environment": ..., "records": [...]} to this JSON file (backbone and detector write the records alone, each with its env_* fields)',
+        help='write {"environment": ..., "records": [...], "cost_fit": [...]} to this JSON file (backbone and '
+        "detector write the records alone, each with its env_* fields)",
     )
     block.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     block.add_argument("--resolution", type=int, default=14, help="feature map side (tokens)")
