@@ -241,13 +241,13 @@ def run_training(
     device: str | None = None,
     log: bool = True,
     overwrite: bool = False,
-    resume_state: dict[str, Any] | None = None,
+    resume_state: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train (and evaluate) one run of any task; returns ``{"summary", "eval" (main process, when
     ``evaluate``), "model", "pretrained" (the load report, if any)}``. Writes ``OUT/config.yaml``,
-    checkpoints and ``OUT/eval.json``. ``resume_state``: the checkpoint ``resume`` names, if the caller has
-    already read it (``load_checkpoint(resume)``; it is not read again). Hand it over without keeping a
-    reference (e.g. ``resume_state=holder.pop()``), or its tensors stay in memory for the whole run.
+    checkpoints and ``OUT/eval.json``. ``resume_state``: ``[load_checkpoint(resume)]``, if the caller has
+    already read it (it is not read again). The list is emptied: a state passed as a plain argument would stay
+    referenced by the caller's frame for the whole run on some Pythons (3.10), and its tensors with it.
 
     Paths in ``cfg`` (data specs, ``data_dir``, ``pretrained``) are made absolute first, so the stored
     configuration opens from any folder. A ``--pretrained`` file is read and checked before any data is
@@ -270,7 +270,7 @@ def run_training(
     if resume is None:
         cfg.check_options()
     else:  # before any data is read
-        state = load_checkpoint(resume) if resume_state is None else resume_state
+        state = resume_state.pop() if resume_state else load_checkpoint(resume)
         check_resumable(resume, state)
         stored = stored_run_config(state)
         check_resume_config(resume, stored, cfg)
@@ -327,10 +327,7 @@ def run_training(
     )
     if resume is not None:
         trainer.resume(resume, state)  # every check first: a refused resume leaves the run folder as it was
-        del state
-        resume_state = (
-            None  # nothing holds the checkpoint's tensors through training (the caller hands it over)
-        )
+        del state  # nothing holds the checkpoint's tensors through training
     if dist_info.is_main:
         import yaml
 
@@ -401,7 +398,7 @@ def _run_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=args.device,
         overwrite=args.overwrite,
-        resume_state=read.pop() if read else None,
+        resume_state=read,  # emptied there
     )
     return 0
 
