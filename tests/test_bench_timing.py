@@ -108,6 +108,8 @@ def test_cpu_model_names_the_host(tmp_path):
     assert cpu_model(info) == "Intel(R) Xeon(R) Processor (model 167, cache 491520 KB)"  # the first entry
     info.write_text("processor\t: 0\nmodel name\t: Neoverse\n")
     assert cpu_model(info) == "Neoverse"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n")  # ARM
+    assert cpu_model(info) == f"{platform.machine()} implementer 0x41 part 0xd0c"
     assert cpu_model(tmp_path / "missing") == (platform.processor() or platform.machine())
     info.write_bytes(b"processor\t: 0\nmodel name\t: Caf\xe9 CPU\n")  # not UTF-8: read, not a crash
     assert cpu_model(info).startswith("Caf") and cpu_model(info).endswith(" CPU")

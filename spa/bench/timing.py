@@ -208,7 +208,12 @@ def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     for line in text.split("\n\n", 1)[0].splitlines():  # the first processor's entry
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    name = fields.get("model name") or platform.processor() or platform.machine()
+    name = fields.get("model name")
+    if not name and fields.get("CPU part"):  # ARM: no model name, an implementer and a part number
+        name = (
+            f"{platform.machine()} implementer {fields.get('CPU implementer', '?')} part {fields['CPU part']}"
+        )
+    name = name or platform.processor() or platform.machine()
     details = [
         f"{label} {fields[key]}"
         for key, label in (("model", "model"), ("cache size", "cache"))
