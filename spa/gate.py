@@ -318,14 +318,13 @@ class TokenGate(nn.Module):
         if self.select == "all":
             keep = torch.ones_like(own, dtype=torch.bool) if valid is None else valid.clone()
             return GateDecision(own, fused, keep, None)
+        _check_logits(fused, own=own)  # every decision below reads the fused logits
         sample: torch.Tensor | None = None  # the soft sample of the straight-through estimator
         soft: torch.Tensor | None = None
         if self.select == "gate":
             if self.training:
-                _check_logits(fused, own=own)
                 keep, sample = _gumbel_decision(fused, self.keep_threshold, self.temperature, valid)
             else:
-                _check_logits(fused, own=own)
                 if self.straight_through:
                     sample = torch.sigmoid(fused)
                 soft = torch.sigmoid(fused)
@@ -333,13 +332,11 @@ class TokenGate(nn.Module):
                 if valid is not None:
                     keep = keep & valid
         elif self.select == "topk":
-            _check_logits(fused, own=own)
             if valid is None:
                 keep = _top_of_all(fused, _ratio_count(fused.shape[1], self.keep_ratio))
             else:
                 keep = keep_top(fused, _ratio_counts(valid, self.keep_ratio), valid)
         else:
-            _check_logits(fused, own=own)
             if valid is None:
                 count = _ratio_count(fused.shape[1], self.keep_ratio)  # checks the ratio before drawing
                 keep = _top_of_all(torch.rand(fused.shape, device=fused.device), count)
