@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -47,6 +49,22 @@ def test_cli_writes_json(tmp_path):
     ]
     assert [r["backend"] for r in data["records"] if r["layout"] != "dense"] == ["sdpa", "sdpa"]
     assert data["cost_fit"] == []  # one keep ratio: no line to fit
+
+
+def test_cli_block_flushes_denormals_in_a_fresh_process_and_keeps_them_when_asked(tmp_path):
+    # in-process (pytest) torch's threads already run; ``spa bench block`` from a shell sets the mode first
+    for mode, flushed in (("flush", True), ("keep", False)):
+        out = tmp_path / f"{mode}.json"
+        argv = ["bench", "block", "--json", str(out), "--batch-size", "1", "--resolution", "7", "--dim", "16"]
+        argv += ["--heads", "2", "--rounds", "1", "--keep-ratios", "0.5", "--layouts", "containers"]
+        argv += ["--denormals", mode]
+        code = f"import sys, spa_cli; sys.exit(spa_cli.main({argv!r}))"
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "warning" not in run.stderr
+        data = json.loads(out.read_text())
+        assert data["environment"]["flush_denormal"] is flushed
+        assert all(r["env_flush_denormal"] is flushed for r in data["records"])
 
 
 def test_cost_fit_splits_fixed_and_per_token_cost():

@@ -41,6 +41,8 @@ def test_bench_backbone_quick():
     assert low["gmacs_kept"] < full["gmacs_kept"] and low["gmacs_executed"] < full["gmacs_executed"]
     assert abs(low["kept_ratio_measured"] - 0.3) < 0.15 and full["kept_ratio_measured"] == 1.0
     assert "| spt_nano | 64 | 2 | topk | 0.30 | containers |" in format_backbone_table(records)
+    # the default: denormals flushed in the timing process, and every record says so
+    assert all(r["env_flush_denormal"] is True for r in records)
 
 
 def _check_memory(records: list[dict]) -> None:
@@ -74,6 +76,7 @@ def test_cli_quick_with_trained_gate(tmp_path):
     ckpt = write_spt_detector_checkpoint(tmp_path / "last.pt")
     argv = ["bench", "backbone", "--models", "spt_nano", "--quick", "--no-memory", "--sizes", "64"]
     argv += ["--batch-sizes", "1", "--keep-ratios", "0.5", "--layouts", "masked", "--rounds", "1"]
+    argv += ["--denormals", "keep"]
     image = tmp_path / "images" / "a.png"
     image.parent.mkdir()
     Image.fromarray((np.random.rand(48, 80, 3) * 255).astype(np.uint8)).save(image)
@@ -89,6 +92,8 @@ def test_cli_quick_with_trained_gate(tmp_path):
     gate = records[-1]
     assert gate["checkpoint"] == str(ckpt) and 0.0 <= gate["keep_ratio"] <= 1.0
     assert all(r["peak_rss_mb"] is None and r["inputs"] == "1 image files" for r in records)
+    # --denormals keep reaches the timing process: torch's default, recorded
+    assert all(r["env_flush_denormal"] is False for r in records)
 
 
 @pytest.mark.parametrize(
@@ -99,6 +104,7 @@ def test_cli_quick_with_trained_gate(tmp_path):
         ({"keep_ratios": [0.0]}, "keep ratios"),
         ({"sizes": [8]}, "sizes"),
         ({"rounds": 0}, "rounds"),
+        ({"denormals": "sometimes"}, "denormals must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -97,6 +97,7 @@ def test_cli_quick_mask_rcnn_with_trained_gate(tmp_path):
         ({"rounds": 0}, "rounds"),
         ({"device": "tpu"}, "device"),
         ({"heads": DetectorHeads(detections_per_img=0)}, "head settings"),
+        ({"denormals": "sometimes"}, "denormals must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
-from spa.bench.timing import CacheEvictor, cache_evictor, environment, interleaved_rounds, median_ratio
+from spa.bench.timing import (
+    CacheEvictor,
+    cache_evictor,
+    environment,
+    interleaved_rounds,
+    median_ratio,
+    set_denormals,
+)
 from spa.errors import ConfigError
 
 
@@ -94,7 +105,72 @@ def test_median_ratio_pairs_rounds():
 
 
 def test_environment_keys():
-    assert {"torch", "threads", "device", "processor", "python"} <= environment().keys()
+    assert {"torch", "threads", "device", "processor", "python", "flush_denormal"} <= environment().keys()
+    assert isinstance(environment()["flush_denormal"], bool)
+
+
+def _fresh_process(code: str) -> list[str]:
+    """Run ``code`` in a new Python with 2 torch threads; its printed lines (warnings go to stdout too)."""
+    script = (
+        "import warnings, sys\nwarnings.simplefilter('always')\nwarnings.showwarning = lambda m, c, *a: "
+        "print(f'{c.__name__}: {m}')\n" + textwrap.dedent(code)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_denormals_are_flushed_in_every_thread_when_set_first():
+    lines = _fresh_process(
+        """
+        import torch
+        from spa.bench.timing import _denormal_state, environment, set_denormals
+        print(set_denormals("flush"), _denormal_state(), environment()["flush_denormal"])
+        """
+    )
+    assert lines == ["True flushed True"]
+
+
+def test_denormals_set_after_the_threads_started_are_reported_not_assumed():
+    # torch's worker threads copy the setting when they start: set after a parallel op, only some threads flush
+    lines = _fresh_process(
+        """
+        import torch
+        from spa.bench.timing import _denormal_state, set_denormals
+        torch.set_num_threads(2)
+        (torch.ones(1 << 20) * 2).sum()  # starts the worker threads
+        print(set_denormals("flush"), _denormal_state())
+        """
+    )
+    assert lines[-1] == "False mixed"
+    assert any(
+        line.startswith("SpaWarning: denormals='flush' asked, but denormals are mixed") for line in lines
+    )
+
+
+def test_kept_denormals_are_denormal():
+    # the premise of the flag: in a fresh process torch keeps denormals, and timm's shifted-window mask makes
+    # them in softmax (SPA blocks mask with -inf instead, which gives exact zeros)
+    lines = _fresh_process(
+        """
+        import torch
+        from timm.models.swin_transformer import SwinTransformerBlock
+        from spa.bench.timing import _denormal_state, set_denormals
+        print(set_denormals("keep"), _denormal_state())
+        block = SwinTransformerBlock(32, (14, 14), 2, window_size=7, shift_size=3)
+        probs = torch.softmax(torch.zeros(49) + block.attn_mask[1, 0], 0)
+        print(float(block.attn_mask.min()), bool(((probs > 0) & (probs < torch.finfo(torch.float32).tiny)).any()))
+        """
+    )
+    assert lines == ["False kept", "-100.0 True"]
+
+
+def test_set_denormals_refuses_an_unknown_mode():
+    with pytest.raises(ConfigError, match="denormals must be one of"):
+        set_denormals("sometimes")
 
 
 def test_cpu_model_names_the_host(tmp_path):

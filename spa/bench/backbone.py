@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spa.attention import BACKENDS
-from spa.bench.timing import BenchDevice, median_ratio, pass_fields
+from spa.bench.timing import DENORMAL_MODES, BenchDevice, median_ratio, pass_fields, set_denormals
 from spa.errors import ConfigError
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
@@ -316,6 +316,8 @@ def _worker_main(argv: Sequence[str]) -> int:
     """``python -m spa.bench _worker SPEC.json OUT.json``: one measurement process of ``bench backbone`` (or
     of ``bench detector``: ``mode`` ``"detector"``, see ``spa.bench.detector``)."""
     spec = json.loads(Path(argv[0]).read_text())
+    # first: torch's CPU threads copy this thread's denormal setting when they start
+    set_denormals(spec.get("denormals", "flush"))
     torch.set_num_threads(spec.get("threads", 2))
     if spec["mode"] == "detector":
         from spa.bench.detector import _worker_time as detector_time
@@ -365,6 +367,7 @@ def bench_backbone(
     compile: bool = False,
     keep_threshold: float | None = None,
     stage_times: bool = False,
+    denormals: str = "flush",
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Benchmark whole backbones (``features_only`` SPT vs timm Swin of the same width); see the module docstring.
@@ -374,6 +377,8 @@ def bench_backbone(
     time ratios to the dense baseline, the device, AMP mode and environment (``env_*``). ``keep_threshold``:
     the inference keep threshold of the checkpoint's gate (default: the one stored in the checkpoint).
     ``stage_times``: also ``infer_stage_ms`` / ``infer_stage_ratio_to_dense`` per stage (module docstring).
+    ``denormals``: ``flush`` (default) or ``keep`` float32 denormals in the timed processes (``set_denormals``:
+    timm's shifted windows make denormals on CPU, SPA blocks do not; records say ``env_flush_denormal``).
     """
     import tempfile
 
@@ -395,6 +400,8 @@ def bench_backbone(
         raise ConfigError(f"need sizes >= 32 and batch sizes >= 1, got {list(sizes)} and {list(batch_sizes)}")
     if rounds < 1 or warmup < 0:
         raise ConfigError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    if denormals not in DENORMAL_MODES:
+        raise ConfigError(f"denormals must be one of {DENORMAL_MODES}, got {denormals!r}")
     if keep_threshold is not None and (checkpoint is None or not 0.0 < keep_threshold < 1.0):
         raise ConfigError(f"keep_threshold needs a checkpoint and must be in (0, 1), got {keep_threshold}")
     checkpoint_model = None
@@ -428,7 +435,9 @@ def bench_backbone(
         for size in sizes:
             for batch in batch_sizes:
                 say(f"size {size} batch {batch}: timing {len(configs)} configurations in one process")
-                common = {"size": size, "batch_size": batch, "threads": threads, "seed": seed}
+                common = {
+                    "size": size, "batch_size": batch, "threads": threads, "seed": seed, "denormals": denormals
+                }  # fmt: skip
                 common["images"] = image_paths
                 spec = {
                     **common, "mode": "time", "configs": configs, "rounds": rounds, "warmup": warmup,

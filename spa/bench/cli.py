@@ -12,7 +12,7 @@ from spa.attention import BACKENDS
 from spa.bench.backbone import SPT_KEEP_RATIOS, bench_backbone, format_backbone_table
 from spa.bench.block import bench_block, cost_fit, format_cost_fit, format_table
 from spa.bench.detector import DETECTOR_KEEP_RATIOS, DetectorHeads, bench_detector, format_detector_table
-from spa.bench.timing import AMP_MODES, DEVICES, BenchDevice
+from spa.bench.timing import AMP_MODES, DENORMAL_MODES, DEVICES, BenchDevice, denormals
 from spa.engine.checkpoint import check_output_file
 from spa.errors import ConfigError
 from spa.packing import LAYOUTS
@@ -55,6 +55,12 @@ def _backends(text: str) -> list[str]:
 
 def _run_block(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")  # before the timing, not after it
+    BenchDevice.resolve(args.device, args.amp)  # a wrong device is one error line, before anything is set
+    with denormals(args.denormals):  # before any parallel op: torch's CPU threads copy it when they start
+        return _time_block(args)
+
+
+def _time_block(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = bench_block(
@@ -105,6 +111,7 @@ def _run_backbone(args: argparse.Namespace) -> int:
         backend=args.backend,
         compile=args.compile,
         stage_times=args.stage_times,
+        denormals=args.denormals,
         progress=lambda msg: print(f"[bench backbone] {msg}", flush=True),
     )
     print(format_backbone_table(records))
@@ -147,6 +154,7 @@ def _run_detector(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         backend=args.backend,
+        denormals=args.denormals,
         progress=lambda msg: print(f"[bench detector] {msg}", flush=True),
     )
     print(format_detector_table(records))
@@ -156,7 +164,7 @@ def _run_detector(args: argparse.Namespace) -> int:
 
 
 def _device_flags(parser: argparse.ArgumentParser) -> None:
-    """``--device`` and ``--amp``: the same two flags on every benchmark."""
+    """``--device``, ``--amp`` and ``--denormals``: the same flags on every benchmark."""
     parser.add_argument(
         "--device",
         default="cpu",
@@ -168,6 +176,14 @@ def _device_flags(parser: argparse.ArgumentParser) -> None:
         default="off",
         choices=AMP_MODES,
         help="off (float32), or bf16 (every timed call under bfloat16 autocast) (default off)",
+    )
+    parser.add_argument(
+        "--denormals",
+        default="flush",
+        choices=DENORMAL_MODES,
+        help="flush float32 denormals to zero on CPU, or keep them (torch's default). timm's shifted windows "
+        "mask with -100 and make denormals, which slow its Swin blocks down on x86; SPA blocks mask with -inf. "
+        "Records say env_flush_denormal (default flush)",
     )
 
 

@@ -59,7 +59,7 @@ from torch import nn
 
 from spa.attention import BACKENDS
 from spa.bench.backbone import _backbone_configs, _config_records, _configure, _run_worker
-from spa.bench.timing import BenchDevice, median_ratio, pass_fields
+from spa.bench.timing import DENORMAL_MODES, BenchDevice, median_ratio, pass_fields
 from spa.errors import ConfigError
 
 __all__ = [
@@ -320,6 +320,7 @@ def bench_detector(
     amp: str = "off",
     backend: str = "auto",
     seed: int = 0,
+    denormals: str = "flush",
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Benchmark whole detectors (SPT vs its dense Swin baseline, same heads); see the module docstring.
@@ -327,6 +328,7 @@ def bench_detector(
     Returns one record per (model, size, batch size, select, keep ratio): train-step and inference times,
     their ratios to the dense baseline, the dense backbone's share of the detector's time, backbone GMACs,
     kept ratio, RoI / detection counts, the heads, the device and AMP mode and the environment (``env_*``).
+    ``denormals``: as for ``bench_backbone`` (default ``flush``).
     """
     from spa.tasks.detection import DETECTORS
 
@@ -347,6 +349,8 @@ def bench_detector(
         raise ConfigError(f"need rounds >= 1, warmup >= 0, threads >= 1; got {rounds}, {warmup}, {threads}")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if denormals not in DENORMAL_MODES:
+        raise ConfigError(f"denormals must be one of {DENORMAL_MODES}, got {denormals!r}")
     bench = BenchDevice.resolve(device, amp)
     checkpoint_model = _checkpoint_model(checkpoint) if checkpoint is not None else None
     configs = _backbone_configs(models, keep_ratios, ["containers"], checkpoint, checkpoint_model, [backend])
@@ -361,7 +365,7 @@ def bench_detector(
                 spec = {
                     "mode": "detector", "size": size, "batch_size": batch, "threads": threads, "seed": seed,
                     "device": str(bench.device), "amp": bench.amp, "detector": detector, "heads": asdict(heads),
-                    "configs": configs, "rounds": rounds, "warmup": warmup,
+                    "configs": configs, "rounds": rounds, "warmup": warmup, "denormals": denormals,
                 }  # fmt: skip
                 out = _run_worker(spec, Path(tmp), f"detector-{size}-{batch}")
                 records += _records(configs, out, spec, bench, load)

@@ -12,6 +12,14 @@ last kernel of the call, launch gaps included). ``amp='bf16'`` runs every timed 
 ``torch.autocast(device, dtype=torch.bfloat16)``. Peak memory (CUDA): ``torch.cuda.max_memory_allocated``
 during one call. Records carry the device, the AMP mode and ``env_*`` (torch / CUDA / cuDNN / torchvision /
 timm / spa versions, the GPU's name and capability) from :func:`environment`.
+
+Denormals (CPU): timm's Swin masks the other regions of a shifted window with ``-100``, so ``softmax`` gives
+``exp(-100)``-sized probabilities, float32 denormals, and the ``attn @ v`` product over them runs tens of times
+slower on x86 (measured here: one stage-3 shifted block 8.4 ms with denormals, 4.7 ms without; an unshifted
+block 4.7 ms either way). SPA blocks mask with ``-inf`` (exact zeros) and never pay this, so a comparison with
+denormals on measures timm's mask constant, not the method. The benchmarks therefore flush denormals to zero
+(:func:`set_denormals`, ``--denormals flush``, the default) in every timed process, and every record says
+whether they were (``env_flush_denormal``, checked in every thread, :func:`denormals_flushed`).
 """
 
 from __future__ import annotations
@@ -21,33 +29,93 @@ import platform
 import random
 import statistics
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-from spa.errors import ConfigError
+from spa.errors import ConfigError, SpaWarning
 
 __all__ = [
     "AMP_MODES",
+    "DENORMAL_MODES",
     "DEVICES",
     "BenchDevice",
     "CacheEvictor",
     "cache_evictor",
+    "denormals",
+    "denormals_flushed",
     "device_sync",
     "environment",
     "interleaved_rounds",
     "median_ratio",
     "pass_fields",
     "peak_memory",
+    "set_denormals",
 ]
 
 K = TypeVar("K", bound=Hashable)
 
 DEVICES = ("cpu", "cuda")
 AMP_MODES = ("off", "bf16")
+DENORMAL_MODES = ("flush", "keep")
+
+
+def _denormal_state() -> str:
+    """``flushed``, ``kept`` or ``mixed``: what torch's intra-op CPU threads do with float32 denormal results,
+    read off one parallel multiply whose every product is denormal (``1e-30 * 1e-10``), 65536 elements per
+    thread so that every thread gets a share."""
+    n = max(torch.get_num_threads(), 1) * 65536
+    zero = torch.full((n,), 1e-30) * 1e-10 == 0
+    return "flushed" if bool(zero.all()) else "kept" if not bool(zero.any()) else "mixed"
+
+
+def denormals_flushed() -> bool:
+    """Whether every CPU thread that torch's intra-op parallel ops use flushes float32 denormals to zero."""
+    return _denormal_state() == "flushed"
+
+
+def set_denormals(mode: str) -> bool:
+    """``flush``: float32 denormals are flushed to zero on CPU (``torch.set_flush_denormal(True)``);
+    ``keep``: IEEE behaviour (torch's default). Returns :func:`denormals_flushed`.
+
+    The setting belongs to each thread, and torch's CPU worker threads copy the calling thread's when they
+    start: call this before the first parallel torch op of the process (the benchmark workers call it first
+    thing). Where that was too late, or the CPU cannot flush, a ``SpaWarning`` says so and the records' flag
+    says what was measured.
+    """
+    if mode not in DENORMAL_MODES:
+        raise ConfigError(f"denormals must be one of {DENORMAL_MODES}, got {mode!r}")
+    supported = torch.set_flush_denormal(mode == "flush")
+    state = _denormal_state()
+    wanted = "flushed" if mode == "flush" else "kept"
+    if state != wanted:
+        why = (
+            "this CPU cannot flush denormals"
+            if mode == "flush" and not supported
+            else "torch's CPU threads started before this setting and keep their own"
+        )
+        warnings.warn(
+            f"denormals={mode!r} asked, but denormals are {state} in torch's CPU threads: {why}; the records "
+            f"say env_flush_denormal={state == 'flushed'}",
+            SpaWarning,
+            stacklevel=2,
+        )
+    return state == "flushed"
+
+
+@contextlib.contextmanager
+def denormals(mode: str) -> Iterator[bool]:
+    """:func:`set_denormals` for the ``with`` body (yields whether every thread flushes), then this thread's
+    previous setting back (an in-process benchmark leaves its caller's numerics as they were)."""
+    flushed_before = bool(torch.tensor([1e-30]) * 1e-10 == 0)  # one element: computed in this thread
+    try:
+        yield set_denormals(mode)
+    finally:
+        torch.set_flush_denormal(flushed_before)
 
 
 def interleaved_rounds(
@@ -238,6 +306,7 @@ def environment(device: str | torch.device = "cpu") -> dict:
         "device_name": processor,
         "processor": processor,
         "python": platform.python_version(),
+        "flush_denormal": denormals_flushed(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
