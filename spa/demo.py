@@ -725,7 +725,7 @@ def render_report(report: dict) -> str:
         "Numbers show the mechanism, not COCO-scale accuracy (a COCO run needs a GPU and ImageNet Swin weights).",
         "",
         f"Environment: {env['device']}, {env['threads']} threads, torch {env['torch']}, python {env['python']}, "
-        f"{env['processor']}. Total time {report.get('minutes', 0):.1f} min.",
+        f"{env['processor']}, denormals {_denormal_words(env)}. Total time {report.get('minutes', 0):.1f} min.",
         "",
         f"AP intervals: 95% percentile bootstrap over the {report.get('val_images')} validation images "
         f"({cfg['bootstrap_resamples']} resamples, COCO AP recomputed on each)"
@@ -877,7 +877,17 @@ def render_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _denormal_words(env: dict) -> str:
+    """How the report's environment handled float32 denormals (older reports did not record it)."""
+    flushed = env.get("flush_denormal")
+    return "not recorded (kept)" if flushed is None else "flushed" if flushed else "kept"
+
+
 def _run(args: argparse.Namespace) -> int:
+    from spa.bench.timing import set_denormals
+
+    # first: torch's CPU threads copy the setting when they start (the report's environment records it)
+    set_denormals(args.denormals)
     torch.set_num_threads(args.threads)
     overrides = {
         k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__ and v is not None
@@ -987,5 +997,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=2,
         help="torch threads (default 2, the fastest setting on the project's CPU machines)",
+    )
+    demo.add_argument(
+        "--denormals",
+        default="flush",
+        choices=("flush", "keep"),
+        help="flush float32 denormals to zero in the whole run (default), or keep them (torch's default): timm's "
+        "shifted windows make denormals, which slow the dense model's timing rows on x86 (see spa bench --help)",
     )
     demo.set_defaults(func=_run)

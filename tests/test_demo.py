@@ -56,6 +56,12 @@ def test_demo_writes_report_and_figures(tmp_path):
     text = (out / "report.md").read_text()
     assert "Small-scale run" in text and "| box AP50 [95% CI] |" in text and "torch" in text
     assert render_report(report) == text
+    # the report says how denormals were handled: in-process (pytest) torch's threads already run, so the
+    # environment records what was measured, and older reports (no key) read as kept
+    flushed = saved["environment"]["flush_denormal"]
+    assert isinstance(flushed, bool) and f"denormals {'flushed' if flushed else 'kept'}." in text
+    del report["environment"]["flush_denormal"]
+    assert "denormals not recorded (kept)." in render_report(report)
 
     # the keys others read (#16 item 5)
     assert saved["val_images"] == 3
