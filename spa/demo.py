@@ -884,11 +884,9 @@ def _denormal_words(env: dict) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from spa.bench.timing import set_denormals
+    from spa.bench.timing import denormals
+    from spa.engine.checkpoint import check_output_folder
 
-    # first: torch's CPU threads copy the setting when they start (the report's environment records it)
-    set_denormals(args.denormals)
-    torch.set_num_threads(args.threads)
     overrides = {
         k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__ and v is not None
     }
@@ -896,7 +894,12 @@ def _run(args: argparse.Namespace) -> int:
         if key in overrides:
             overrides[key] = tuple(overrides[key])
     cfg = DemoConfig.full(**overrides) if args.full else DemoConfig(**overrides)
-    run_demo(cfg)
+    check_output_folder(cfg.out, "--out")  # user errors first, before the process settings below
+    # first torch work: torch's CPU threads copy the setting when they start (the report's environment
+    # records it); the calling thread's own setting is restored afterwards (an in-process call)
+    with denormals(args.denormals):
+        torch.set_num_threads(args.threads)
+        run_demo(cfg)
     return 0
 
 
