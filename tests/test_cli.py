@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,47 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch
     assert "never unpickles" in err and "weights_only=False" not in err
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def _this_thread_flushes_denormals() -> bool:
+    return bool(torch.tensor([1e-30]) * 1e-10 == 0)  # one element: computed in this thread
+
+
+def test_model_verbs_flush_denormals_while_they_run_then_restore(monkeypatch, tmp_path, capsys):
+    import spa_cli
+
+    monkeypatch.delenv("SPA_DENORMALS", raising=False)
+    assert not _this_thread_flushes_denormals()  # torch's default, and no earlier test leaked a flush
+    seen = []
+    for verb, env in (("eval", None), ("predict", "flush"), ("data", None), ("eval", "keep")):
+        if env is None:
+            monkeypatch.delenv("SPA_DENORMALS", raising=False)
+        else:
+            monkeypatch.setenv("SPA_DENORMALS", env)
+        with spa_cli._denormals(verb):
+            seen.append(_this_thread_flushes_denormals())
+        assert not _this_thread_flushes_denormals()  # restored
+    assert seen == [True, True, False, False]
+    # a value that is neither is one error line, before the command runs
+    monkeypatch.delenv("SPA_DEBUG", raising=False)
+    monkeypatch.setenv("SPA_DENORMALS", "sometimes")
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err == "spa eval: error: SPA_DENORMALS must be flush or keep, got 'sometimes'\n"
+
+
+def test_model_verbs_flush_denormals_in_every_thread_from_a_fresh_process():
+    # importing a verb's module must not start torch's CPU threads before the setting (they copy it at start)
+    code = (
+        "import spa_cli\nfrom spa.bench.timing import _denormal_state\n"
+        "spa_cli.build_parser(spa_cli._FLUSH_DENORMALS)\n"
+        "with spa_cli._denormals('eval'):\n    print(_denormal_state())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("SPA_DENORMALS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["flushed"]
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
