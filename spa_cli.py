@@ -65,14 +65,20 @@ def _denormals(verb: str) -> Iterator[None]:
     """Flush float32 denormals to zero while ``verb`` runs (``_FLUSH_DENORMALS``), then this thread's previous
     setting back. timm's shifted windows mask with -100, whose softmax gives denormals that x86 computes tens
     of times slower; flushed, Swin-T's CPU inference at batch 1 took 0.68 of the time (README, "Denormals").
-    ``SPA_DENORMALS=keep`` keeps torch's default (IEEE denormals); anything but ``keep`` / ``flush`` is an
-    error."""
+    ``SPA_DENORMALS=keep`` keeps torch's default (IEEE denormals); anything but ``keep`` / ``flush`` (or empty)
+    is an error for these verbs. Only this thread's setting is restored: torch CPU threads that start while the
+    verb runs copy the flush and keep it."""
     from spa.errors import ConfigError
 
-    mode = os.environ.get("SPA_DENORMALS", "flush")
+    if verb not in _FLUSH_DENORMALS:  # bench and demo take --denormals; the others compute nothing timed
+        yield
+        return
+    mode = os.environ.get("SPA_DENORMALS") or "flush"  # unset or empty: the default
     if mode not in ("flush", "keep"):
-        raise ConfigError(f"SPA_DENORMALS must be flush or keep, got {mode!r}")
-    if verb not in _FLUSH_DENORMALS or mode == "keep":
+        raise ConfigError(
+            f"SPA_DENORMALS must be flush or keep, got {mode!r} (spa bench and spa demo take --denormals instead)"
+        )
+    if mode == "keep":
         yield
         return
     import torch

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from spa.bench.timing import environment, interleaved_rounds
+from spa.bench.timing import DENORMAL_MODES, environment, interleaved_rounds
 from spa.engine.checkpoint import atomic_write, save_checkpoint, write_json
 from spa.engine.pretrained import file_sha256
 from spa.errors import ConfigError
@@ -666,6 +666,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             images=[Path(sets["detect"]) / "val" / "images"],  # the trained gate sees real scenes, not noise
             rounds=cfg.timing_rounds,
             memory=False,
+            # as this process handles denormals (``spa demo --denormals``), so that the report's rows agree
+            denormals="flush" if report["environment"]["flush_denormal"] else "keep",
             progress=lambda msg: _log(f"bench: {msg}"),
         )
 
@@ -1004,8 +1006,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--denormals",
         default="flush",
-        choices=("flush", "keep"),
+        choices=DENORMAL_MODES,
         help="flush float32 denormals to zero in the whole run (default), or keep them (torch's default): timm's "
-        "shifted windows make denormals, which slow the dense model's timing rows on x86 (see spa bench --help)",
+        "shifted windows make denormals, which slow the dense model's timing rows on x86 (README, Denormals)",
     )
     demo.set_defaults(func=_run)

@@ -61,7 +61,7 @@ def test_cli_block_flushes_denormals_in_a_fresh_process_and_keeps_them_when_aske
         code = f"import sys, spa_cli; sys.exit(spa_cli.main({argv!r}))"
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
-        assert "warning" not in run.stderr
+        assert "spa bench: warning" not in run.stderr
         data = json.loads(out.read_text())
         assert data["environment"]["flush_denormal"] is flushed
         assert all(r["env_flush_denormal"] is flushed for r in data["records"])

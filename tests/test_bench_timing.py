@@ -7,18 +7,20 @@ import platform
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
 from spa.bench.timing import (
     CacheEvictor,
     cache_evictor,
+    check_timed_denormals,
     environment,
     interleaved_rounds,
     median_ratio,
     set_denormals,
 )
-from spa.errors import ConfigError
+from spa.errors import ConfigError, SpaWarning
 
 
 def _recording(keys, log):
@@ -167,6 +169,18 @@ def test_kept_denormals_are_denormal():
         """
     )
     assert lines == ["False kept", "-100.0 True"]
+
+
+def test_a_timing_process_that_did_not_flush_as_asked_is_a_warning():
+    with pytest.warns(SpaWarning, match="bench backbone: denormals='flush' asked, but the timing process"):
+        check_timed_denormals({"flush_denormal": False}, "flush", "bench backbone")
+    with pytest.warns(SpaWarning, match="denormals='keep' asked"):
+        check_timed_denormals({"flush_denormal": True}, "keep", "bench detector")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_timed_denormals({"flush_denormal": True}, "flush", "bench backbone")
+        check_timed_denormals({"flush_denormal": False}, "keep", "bench backbone")
+        check_timed_denormals({}, "flush", "bench backbone")  # an environment from before the field
 
 
 def test_set_denormals_refuses_an_unknown_mode():

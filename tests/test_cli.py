@@ -50,7 +50,8 @@ def test_model_verbs_flush_denormals_while_they_run_then_restore(monkeypatch, tm
     import spa_cli
 
     monkeypatch.delenv("SPA_DENORMALS", raising=False)
-    assert not _this_thread_flushes_denormals()  # torch's default, and no earlier test leaked a flush
+    # torch's default: a failure here means an earlier test left this thread flushing denormals
+    assert not _this_thread_flushes_denormals(), "an earlier test leaked torch.set_flush_denormal(True)"
     seen = []
     for verb, env in (("eval", None), ("predict", "flush"), ("data", None), ("eval", "keep")):
         if env is None:
@@ -66,7 +67,16 @@ def test_model_verbs_flush_denormals_while_they_run_then_restore(monkeypatch, tm
     monkeypatch.setenv("SPA_DENORMALS", "sometimes")
     assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     err = capsys.readouterr().err
-    assert err == "spa eval: error: SPA_DENORMALS must be flush or keep, got 'sometimes'\n"
+    assert err == (
+        "spa eval: error: SPA_DENORMALS must be flush or keep, got 'sometimes' (spa bench and spa demo take "
+        "--denormals instead)\n"
+    )
+    # verbs that do not read it ignore it; empty is unset
+    with spa_cli._denormals("export"):
+        assert not _this_thread_flushes_denormals()
+    monkeypatch.setenv("SPA_DENORMALS", "")
+    with spa_cli._denormals("eval"):
+        assert _this_thread_flushes_denormals()
 
 
 def test_model_verbs_flush_denormals_in_every_thread_from_a_fresh_process():

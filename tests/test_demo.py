@@ -153,6 +153,9 @@ def test_demo_backbone_bench_times_the_gate_at_the_chosen_threshold(tmp_path):
     chosen = report["keep_threshold"]["chosen"][0]["keep_threshold"]
     gate = [r for r in report["backbone_bench"] if r["select"] == "gate"]
     assert gate and all(r["keep_threshold"] == chosen for r in gate)
+    # its timing workers handle denormals as the demo's own process does (in-process here: not flushed)
+    flushed = report["environment"]["flush_denormal"]
+    assert all(r["env_flush_denormal"] is flushed for r in report["backbone_bench"])
 
 
 def test_settings_that_would_fail_after_fine_tuning_are_refused_up_front(tmp_path, capsys):

@@ -57,7 +57,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from spa.attention import BACKENDS
-from spa.bench.timing import DENORMAL_MODES, BenchDevice, median_ratio, pass_fields, set_denormals
+from spa.bench.timing import (
+    DENORMAL_MODES,
+    BenchDevice,
+    check_timed_denormals,
+    median_ratio,
+    pass_fields,
+    set_denormals,
+)
 from spa.errors import ConfigError
 from spa.models.spa_block import SPABlock
 from spa.packing import LAYOUTS
@@ -445,6 +452,7 @@ def bench_backbone(
                     "stage_times": stage_times,
                 }  # fmt: skip
                 out = _run_worker(spec, workdir, f"time-{size}-{batch}")
+                check_timed_denormals(out["environment"], denormals, "bench backbone")
                 rss: list[dict] = []
                 for i, cfg in enumerate(configs):
                     if rss_memory:

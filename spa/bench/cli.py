@@ -55,12 +55,14 @@ def _backends(text: str) -> list[str]:
 
 def _run_block(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")  # before the timing, not after it
-    BenchDevice.resolve(args.device, args.amp)  # a wrong device is one error line, before anything is set
+    # user errors are one line, before anything is set
+    BenchDevice.resolve(args.device, args.amp)
+    keep_ratios = tuple(_numbers(args.keep_ratios, float, "--keep-ratios"))
     with denormals(args.denormals):  # before any parallel op: torch's CPU threads copy it when they start
-        return _time_block(args)
+        return _time_block(args, keep_ratios)
 
 
-def _time_block(args: argparse.Namespace) -> int:
+def _time_block(args: argparse.Namespace, keep_ratios: tuple[float, ...]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = bench_block(
@@ -70,7 +72,7 @@ def _time_block(args: argparse.Namespace) -> int:
         num_heads=args.heads,
         window_size=args.window,
         shift=args.shift,
-        keep_ratios=tuple(_numbers(args.keep_ratios, float, "--keep-ratios")),
+        keep_ratios=keep_ratios,
         layouts=tuple(args.layouts.split(",")),
         backend=args.backend,
         rounds=args.rounds,

@@ -59,7 +59,7 @@ from torch import nn
 
 from spa.attention import BACKENDS
 from spa.bench.backbone import _backbone_configs, _config_records, _configure, _run_worker
-from spa.bench.timing import DENORMAL_MODES, BenchDevice, median_ratio, pass_fields
+from spa.bench.timing import DENORMAL_MODES, BenchDevice, check_timed_denormals, median_ratio, pass_fields
 from spa.errors import ConfigError
 
 __all__ = [
@@ -368,6 +368,7 @@ def bench_detector(
                     "configs": configs, "rounds": rounds, "warmup": warmup, "denormals": denormals,
                 }  # fmt: skip
                 out = _run_worker(spec, Path(tmp), f"detector-{size}-{batch}")
+                check_timed_denormals(out["environment"], denormals, "bench detector")
                 records += _records(configs, out, spec, bench, load)
     return records
 

@@ -15,8 +15,8 @@ timm / spa versions, the GPU's name and capability) from :func:`environment`.
 
 Denormals (CPU): timm's Swin masks the other regions of a shifted window with ``-100``, so ``softmax`` gives
 ``exp(-100)``-sized probabilities, float32 denormals, and the ``attn @ v`` product over them runs tens of times
-slower on x86 (measured here: one stage-3 shifted block 8.4 ms with denormals, 4.7 ms without; an unshifted
-block 4.7 ms either way). SPA blocks mask with ``-inf`` (exact zeros) and never pay this, so a comparison with
+slower on x86 (``spa bench block --batch-size 1 --shift``: timm's stage-3 shifted block 8.19 ms forward with
+denormals kept, 4.75 ms flushed; README, "Denormals"). SPA blocks mask with ``-inf`` (exact zeros) and never pay this, so a comparison with
 denormals on measures timm's mask constant, not the method. The benchmarks therefore flush denormals to zero
 (:func:`set_denormals`, ``--denormals flush``, the default) in every timed process, and every record says
 whether they were (``env_flush_denormal``, checked in every thread, :func:`denormals_flushed`).
@@ -46,6 +46,7 @@ __all__ = [
     "BenchDevice",
     "CacheEvictor",
     "cache_evictor",
+    "check_timed_denormals",
     "denormals",
     "denormals_flushed",
     "device_sync",
@@ -107,10 +108,25 @@ def set_denormals(mode: str) -> bool:
     return state == "flushed"
 
 
+def check_timed_denormals(environment: Mapping, mode: str, where: str) -> None:
+    """Warn (``SpaWarning``) when a timing process's ``environment`` (:func:`environment`) did not handle
+    denormals as ``mode`` asked: the worker's own warning went to its stderr, which is not shown."""
+    flushed = environment.get("flush_denormal")
+    if flushed is not None and flushed != (mode == "flush"):
+        warnings.warn(
+            f"{where}: denormals={mode!r} asked, but the timing process measured with denormals "
+            f"{'flushed' if flushed else 'not flushed in every thread'}; its records say "
+            f"env_flush_denormal={flushed}",
+            SpaWarning,
+            stacklevel=3,
+        )
+
+
 @contextlib.contextmanager
 def denormals(mode: str) -> Iterator[bool]:
     """:func:`set_denormals` for the ``with`` body (yields whether every thread flushes), then this thread's
-    previous setting back (an in-process benchmark leaves its caller's numerics as they were)."""
+    previous setting back. Only this thread's: torch CPU threads that start inside the body (the pool's first
+    use, or more threads) copy the setting and keep it."""
     flushed_before = bool(torch.tensor([1e-30]) * 1e-10 == 0)  # one element: computed in this thread
     try:
         yield set_denormals(mode)
