@@ -68,13 +68,14 @@ def _denormals(verb: str) -> Iterator[None]:
     ``SPA_DENORMALS=keep`` keeps torch's default (IEEE denormals); anything but ``keep`` / ``flush`` (or empty)
     is an error for these verbs. Only this thread's setting is restored: torch CPU threads that start while the
     verb runs copy the flush and keep it."""
-    from spa.errors import ConfigError
-
     if verb not in _FLUSH_DENORMALS:  # bench and demo take --denormals; the others compute nothing timed
         yield
         return
+    from spa.bench.timing import DENORMAL_MODES, restored_denormals
+    from spa.errors import ConfigError
+
     mode = os.environ.get("SPA_DENORMALS") or "flush"  # unset or empty: the default
-    if mode not in ("flush", "keep"):
+    if mode not in DENORMAL_MODES:
         raise ConfigError(
             f"SPA_DENORMALS must be flush or keep, got {mode!r} (spa bench and spa demo take --denormals instead)"
         )
@@ -83,12 +84,9 @@ def _denormals(verb: str) -> Iterator[None]:
         return
     import torch
 
-    flushed_before = bool(torch.tensor([1e-30]) * 1e-10 == 0)  # one element: computed in this thread
-    torch.set_flush_denormal(True)  # torch's CPU threads that start from here on copy it
-    try:
+    with restored_denormals():
+        torch.set_flush_denormal(True)  # torch's CPU threads that start from here on copy it
         yield
-    finally:
-        torch.set_flush_denormal(flushed_before)
 
 
 def _verb(argv: Sequence[str]) -> str | None:

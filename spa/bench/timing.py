@@ -55,6 +55,7 @@ __all__ = [
     "median_ratio",
     "pass_fields",
     "peak_memory",
+    "restored_denormals",
     "set_denormals",
 ]
 
@@ -123,15 +124,23 @@ def check_timed_denormals(environment: Mapping, mode: str, where: str) -> None:
 
 
 @contextlib.contextmanager
-def denormals(mode: str) -> Iterator[bool]:
-    """:func:`set_denormals` for the ``with`` body (yields whether every thread flushes), then this thread's
-    previous setting back. Only this thread's: torch CPU threads that start inside the body (the pool's first
-    use, or more threads) copy the setting and keep it."""
+def restored_denormals() -> Iterator[None]:
+    """This thread's denormal setting as it was before the ``with`` body, whatever the body sets. Only this
+    thread's: torch CPU threads that start inside the body (the pool's first use, or more threads) copy the
+    setting they see and keep it."""
     flushed_before = bool(torch.tensor([1e-30]) * 1e-10 == 0)  # one element: computed in this thread
     try:
-        yield set_denormals(mode)
+        yield
     finally:
         torch.set_flush_denormal(flushed_before)
+
+
+@contextlib.contextmanager
+def denormals(mode: str) -> Iterator[bool]:
+    """:func:`set_denormals` for the ``with`` body (yields whether every thread flushes), then this thread's
+    previous setting back (:func:`restored_denormals`)."""
+    with restored_denormals():
+        yield set_denormals(mode)
 
 
 def interleaved_rounds(
