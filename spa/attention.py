@@ -109,9 +109,14 @@ class TableBias:
 class _LookupBias(TableBias):
     """A ``TableBias`` whose index was read off a lookup table checked when it was built (so it is not checked
     again per call). With ``premasked`` the index may hold entry ``E`` (one past the table's entries) for pairs
-    that are masked anyway (e.g. Swin's shifted-window regions), read as ``-inf``, like ``masked_index``."""
+    that are masked anyway (e.g. Swin's shifted-window regions), read as ``-inf``, like ``masked_index``.
+
+    With ``masks_padding`` (implies ``premasked``) the index also holds ``E`` for every pair of a real slot and a
+    padding slot, and a finite entry between padding slots: the ``math`` backend then needs only the segment mask
+    (none at all when no container holds two segments) instead of ``allowed_pairs``."""
 
     premasked: bool = False
+    masks_padding: bool = False
 
     def __post_init__(self) -> None:
         pass
@@ -267,7 +272,8 @@ def _rows_to_slots(rows: torch.Tensor, tail_slots: torch.Tensor, prefix: int, nu
     if prefix < num_slots:
         tail = out[:, prefix:]
         tail.zero_()
-        tail.index_copy_(1, tail_slots - prefix, by_group[:, prefix:])
+        if tail_slots.numel():
+            tail.index_copy_(1, tail_slots - prefix, by_group[:, prefix:])
     return out
 
 
@@ -285,18 +291,25 @@ def _rows_math(
     qkv: torch.Tensor, packed: Packed, bias: TableBias | None, pair_mask, heads: int, scale: float
 ) -> torch.Tensor:
     """``math`` attention from ``qkv`` rows ``[R, 3 * heads * D]`` to output rows ``[R, heads * D]``."""
-    allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))
-    if bias is None:  # the mask alone: one zero entry for every pair
-        bias = TableBias(
-            qkv.new_zeros(heads, 1), torch.zeros(allowed.shape, dtype=torch.long, device=qkv.device)
-        )
+    if isinstance(bias, _LookupBias) and bias.masks_padding and pair_mask is None:
+        # padding (and regions) are in the index already: only pairs of different segments to mask, if any
+        index = bias.index
+        if packed.mixed_containers:
+            segment = packed.segment
+            index = index.masked_fill(segment[:, :, None] != segment[:, None, :], bias.table.shape[1])
+    else:
+        allowed = allowed_pairs(packed.segment, _call(pair_mask, packed.position))
+        if bias is None:  # the mask alone: one zero entry for every pair
+            bias = TableBias(
+                qkv.new_zeros(heads, 1), torch.zeros(allowed.shape, dtype=torch.long, device=qkv.device)
+            )
+        index = bias.masked_index(allowed)
     K, S = packed.image.shape
     if packed.layout == "masked" or packed.num_kept == K * S:
         prefix, tail = qkv.shape[0], packed.slot_index[:0]  # the rows are the slots
     else:  # rows in slot order: those before the first padding slot sit in their own slots
         prefix = packed._first_padding_slot  # from the packing plan (host), no device sync
         tail = packed.slot_index[prefix:]
-    index = bias.masked_index(allowed)
     device_type = qkv.device.type
     if not _autocast_enabled(device_type):
         return _apply_rows_math(qkv, bias.table, index, tail, prefix, (K, S), heads, scale)

@@ -32,14 +32,14 @@ def few_rows_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``RowsLinear`` computes ``x @ weight.T`` as ``(weight @ x.T).T`` (see the module docstring)."""
     # compiling first: a traced row count is symbolic, and testing it would add a guard (and a recompile when
     # the kept-token count crosses ``FEW_ROWS``); then what is cheap to test before the shape
-    if torch.compiler.is_compiling() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    if torch.compiler.is_compiling() or x.dim() != 2 or x.shape[0] >= FEW_ROWS:
         return False
     return (
-        x.dtype == torch.float32
+        weight.numel() >= FEW_ROWS_MIN_WEIGHT
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and x.dim() == 2
-        and x.shape[0] < FEW_ROWS
-        and weight.numel() >= FEW_ROWS_MIN_WEIGHT
+        and not torch.is_autocast_enabled("cpu")
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 

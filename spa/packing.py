@@ -112,6 +112,18 @@ class Packed:
         padding = self.padding_slots
         return int(padding[0]) if padding.numel() else self.image.numel()
 
+    @cached_property
+    def mixed_containers(self) -> bool:
+        """Whether some container holds real tokens of more than one segment (then attention needs the segment
+        mask; otherwise every pair of real slots in a container may attend). ``pack`` knows it from its plan
+        (no device sync); a ``Packed`` built otherwise reads it off ``segment``."""
+        if self.segment.numel() == 0:
+            return False
+        real = self.segment >= 0
+        low = self.segment.masked_fill(~real, self.segment.max() + 1).amin(1)
+        high = self.segment.amax(1)
+        return bool(((high > low) & real.any(1)).any())
+
     @property
     def num_containers(self) -> int:
         """``K``: number of containers attention runs over (0 when nothing is kept)."""
@@ -315,6 +327,10 @@ def pack(
     return _pack(x, keep, length, layout, order, check_order)[0]
 
 
+# one image: the plan in a few ops (``_pack_one_image``); tests compare it with the general one
+_ONE_IMAGE_PLAN = True
+
+
 def _to_device(values: list[list[int]], device: torch.device) -> torch.Tensor:
     """A small long tensor of host values on ``device``; to an accelerator through pinned memory without
     blocking (a plain ``torch.tensor(..., device=...)`` from pageable memory waits for the device)."""
@@ -362,9 +378,6 @@ def _pack(
     if partial_order and sum(counts) != extra_values.pop():
         raise ValueError("keep marks tokens that are not in order")
     total = sum(counts)
-    # row-major: image by image, in visiting order (the size is known: no sync)
-    batch_idx, seq_pos = torch.nonzero_static(seq_keep, size=total).unbind(1)
-    token_idx = seq_pos if order is None else order[seq_pos]
     starts = list(accumulate(counts, initial=0))[:-1]
     slots = length
     seg_stride = N // length + 1  # segment ids: ``b * seg_stride + chunk`` (all layouts but ``stream``)
@@ -373,10 +386,12 @@ def _pack(
     # ``segment = (t + seg_shift) // length`` (``seg_shift = b * seg_stride * length - starts[b]``); one gather
     # of the per-image values, then a few element-wise ops
     seg_shift = [b * seg_stride * length - st for b, st in enumerate(starts)]
+    mixed = True  # some container holds more than one segment (the safe answer)
     if layout == "containers":
         full = [c // length for c in counts]
         rest = [c % length for c in counts]
         bins, bin_offset, num_bins = _first_fit_decreasing(rest, length)
+        mixed = len({j for j, r in zip(bins, rest) if r}) < sum(1 for r in rest if r)
         num_full = sum(full)
         fills = [0] * num_bins
         for j, o, r in zip(bins, bin_offset, rest):
@@ -401,6 +416,7 @@ def _pack(
         slots = min(length, total) if total else length
         per_image = []  # slot = flat rank in the batch
         first_padding = total
+        mixed = sum(1 for c in counts if c) > 1  # conservative: an image boundary may fall inside a container
     elif layout == "padded":
         per_container = max((-(-c // length) for c in counts), default=0)
         if per_container == 1:
@@ -409,10 +425,21 @@ def _pack(
         per_image = [[b * per_container * slots - st for b, st in enumerate(starts)], seg_shift]
         fills = [min(slots, max(0, c - i * slots)) for c in counts for i in range(per_container)]
         first_padding = _first_short(fills, slots) if total else 0
+        mixed = False  # every container holds one chunk of one image
     else:  # masked: no gather, tokens stay where they are
         num_containers, slots = B, N
         per_image = [seg_shift]
         first_padding = -1  # not a prefix layout: read off the slot map if ever needed
+        mixed = any(c > length for c in counts)  # an image's container holds its chunks
+    if B == 1 and layout != "masked" and total and _ONE_IMAGE_PLAN:
+        seq_pos = torch.nonzero_static(seq_keep.view(-1), size=total).squeeze(1)
+        packed = _pack_one_image(x, seq_pos, order, length, num_containers, slots, layout)
+        packed.__dict__["_first_padding_slot"] = first_padding  # known from the plan: no sync to find it
+        packed.__dict__["mixed_containers"] = mixed
+        return packed, extra_values
+    # row-major: image by image, in visiting order (the size is known: no sync)
+    batch_idx, seq_pos = torch.nonzero_static(seq_keep, size=total).unbind(1)
+    token_idx = seq_pos if order is None else order[seq_pos]
     t = torch.arange(total, device=device)
     source = batch_idx * N + token_idx
     if layout == "stream":
@@ -454,4 +481,40 @@ def _pack(
     )
     if first_padding >= 0:
         packed.__dict__["_first_padding_slot"] = first_padding  # known from the plan: no sync to find it
+    packed.__dict__["mixed_containers"] = mixed
     return packed, extra_values
+
+
+def _pack_one_image(
+    x: torch.Tensor,
+    seq_pos: torch.Tensor,
+    order: torch.Tensor | None,
+    length: int,
+    num_containers: int,
+    slots: int,
+    layout: str,
+) -> Packed:
+    """The plan of ``_pack`` for one image (every layout but ``masked``), in a few ops: the kept tokens fill the
+    slots in visiting order (slot ``t`` holds the ``t``-th kept token), so no plan gather, no scatter and no
+    reading of the slot order are needed. Equal to the general plan (tested)."""
+    total = seq_pos.numel()
+    t = torch.arange(total, device=x.device)
+    source = seq_pos if order is None else order[seq_pos]
+    fields = torch.stack([torch.zeros_like(t), seq_pos, t // length, source])
+    pad = num_containers * slots - total
+    if pad:
+        fields = torch.cat([fields, fields.new_full((4, pad), -1)], 1)
+    image, position, segment, source_slots = fields.view(4, num_containers, slots).unbind(0)
+    return Packed(
+        inputs=x,
+        image=image,
+        position=position,
+        segment=segment,
+        source=source_slots,
+        slot_index=t,
+        source_index=source,
+        layout=layout,
+        batch_size=1,
+        num_tokens=x.shape[1],
+        length=length,
+    )

@@ -349,10 +349,13 @@ def test_select_all_ignores_nan_logits_as_before() -> None:
 @pytest.mark.parametrize("shift", [0, 3])
 @pytest.mark.parametrize("backend", ["math", "math+dropout", "sdpa", "reference"])
 @pytest.mark.parametrize("train", [False, True])
-def test_pair_tables_give_what_the_per_call_hooks_give(shift, backend, train, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pair_tables_give_what_the_per_call_hooks_give(shift, backend, train, batch, monkeypatch):
     """Maps up to ``_PAIR_TABLE_MAX_TOKENS`` look bias entries and region masks up in shared tables; larger ones
     compute them per call from the coordinates. Both must give bit-identical outputs and gradients (attention
-    dropout in training: the slot path of the ``math`` backend)."""
+    dropout in training: the slot path of the ``math`` backend). With tables the ``math`` rows path reads
+    padding and regions off one padded table, and masks segments only where a container holds two (batch 2);
+    one image (batch 1) has a plan of its own (``spa.packing._pack_one_image``)."""
     import copy
 
     import spa.models.spa_block as spa_block
@@ -370,11 +373,13 @@ def test_pair_tables_give_what_the_per_call_hooks_give(shift, backend, train, mo
         if b is block:
             monkeypatch.setattr(spa_block, "_PAIR_TABLE_MAX_TOKENS", 1024)
         b.train(train)
-        x = torch.randn(2, 14, 14, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        x = torch.randn(batch, 14, 14, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
         torch.manual_seed(2)
         out, selection = b(x)
         (out * torch.arange(out.numel()).view(out.shape).sin()).sum().backward()
         results.append((out, selection.keep, x.grad, [p.grad for p in b.parameters()]))
+        if batch == 2 and b is block and backend == "math" and not train:
+            assert b.last_packed.mixed_containers  # the segment mask is exercised
     assert per_call._tables(14, 14, per_call.geometry(14, 14, "cpu"), torch.device("cpu")) is None
     assert block._tables(14, 14, block.geometry(14, 14, "cpu"), torch.device("cpu")) is not None
     (out_a, keep_a, gx_a, gp_a), (out_b, keep_b, gx_b, gp_b) = results

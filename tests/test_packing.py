@@ -323,3 +323,46 @@ def test_pack_reads_extra_flags_in_the_same_sync(monkeypatch):
     # a partial order's check rides along too (and still raises)
     with pytest.raises(ValueError, match="not in order"):
         _pack(x, torch.ones(2, 10, dtype=torch.bool), 4, order=torch.arange(5), sync_with=flags)
+
+
+@pytest.mark.parametrize("layout", ("containers", "stream", "padded"))
+@given(case=ragged())
+def test_one_image_plan_equals_the_general_plan(layout, case):
+    """One image takes a short path to its plan (its kept tokens fill the slots in visiting order); it must give
+    the general plan, field by field, and what the plan knows on the host."""
+    import spa.packing
+
+    x, keep, L, order = case
+    for b in range(x.shape[0]):
+        one = (x[b : b + 1], keep[b : b + 1], L, layout, order)
+        fast = pack(*one)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(spa.packing, "_ONE_IMAGE_PLAN", False)
+            general = pack(*one)
+        for name in ("image", "position", "segment", "source", "slot_index", "source_index"):
+            assert torch.equal(getattr(fast, name), getattr(general, name)), name
+        assert fast._first_padding_slot == general._first_padding_slot
+        assert fast.mixed_containers == general.mixed_containers
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@given(case=ragged())
+def test_plan_knows_whether_a_container_holds_two_segments(layout, case):
+    """``mixed_containers`` from the plan (host) against the slot map: equal, except that ``stream`` may say True
+    where image boundaries happen to fall between containers (it never says False wrongly)."""
+    from dataclasses import fields
+
+    from spa.packing import Packed
+
+    x, keep, L, order = case
+    packed = pack(x, keep, L, layout, order)
+    by_hand = Packed(**{f.name: getattr(packed, f.name) for f in fields(Packed)})
+    segments = [
+        {s for s in row if s >= 0} for row in packed.segment.tolist()
+    ]  # real segment ids of every container
+    exact = any(len(ids) > 1 for ids in segments)
+    assert by_hand.mixed_containers == exact
+    if layout == "stream":
+        assert packed.mixed_containers or not exact
+    else:
+        assert packed.mixed_containers == exact

@@ -184,7 +184,10 @@ class _PairTables:
     Attributes:
         entry: ``[N, N]`` relative-position bias entry of every pair (``relative_position_bias``).
         same_region: ``[N, N]`` bool, the shifted-window region mask; None without shift.
-        masked_entry: ``entry`` with ``E`` (one past the bias table) where the regions differ.
+        masked_entry: ``[N + 1, N + 1]``: ``entry`` with ``E`` (one past the bias table) where the regions
+            differ, and one more row and column for padding slots (position ``-1`` reads index ``N``): ``E``
+            against every real token, entry 0 between padding slots (a padding row sees only padding). One lookup
+            then gives the ``math`` backend its whole index but for the segment mask.
     """
 
     entry: torch.Tensor
@@ -203,11 +206,16 @@ def _pair_tables(
     def build() -> _PairTables:
         # the very computation of ``relative_position_bias`` on all N tokens at once (checked there, once)
         entry = attn.relative_position_bias(geometry.coords[None]).index[0]
+        n = entry.shape[0]
+        masked = entry.new_full((n + 1, n + 1), entries)
+        masked[n, n] = 0
         if not any(geometry.shift):
-            return _PairTables(entry, None, entry)
+            masked[:n, :n] = entry
+            return _PairTables(entry, None, masked)
         region = geometry.region
         same = region[:, None] == region[None, :]
-        return _PairTables(entry, same, entry.masked_fill(~same, entries))
+        masked[:n, :n] = entry.masked_fill(~same, entries)
+        return _PairTables(entry, same, masked)
 
     return _shared(_PAIR_TABLES, key, build)
 
@@ -510,16 +518,20 @@ class SPABlock(nn.Module):
             return table[p[:, :, None], p[:, None, :]]
 
         table = attn.relative_position_bias_table
+        if type(attn).forward is PackedAttention.forward and attn._rows_math_applies(rows, packed):
+            # the ``math`` rows path: region mask and padding read off the padded table (-1 -> its last row)
+            masked_entry = tables.masked_entry
+
+            def pair_bias(position: torch.Tensor) -> TableBias:
+                p = position.remainder(masked_entry.shape[0])
+                index = masked_entry[p[:, :, None], p[:, None, :]]
+                return _LookupBias(table.t(), index, premasked=True, masks_padding=True)
+
+            return pair_bias, None
         if tables.same_region is None:  # no shift: no mask
 
             def pair_bias(position: torch.Tensor) -> TableBias:
                 return _LookupBias(table.t(), lookup(tables.entry, position))
-
-            return pair_bias, None
-        if type(attn).forward is PackedAttention.forward and attn._rows_math_applies(rows, packed):
-
-            def pair_bias(position: torch.Tensor) -> TableBias:
-                return _LookupBias(table.t(), lookup(tables.masked_entry, position), premasked=True)
 
             return pair_bias, None
 
