@@ -546,8 +546,13 @@ def _flex_score_mod(packed: Packed, pair_bias: PairBias | None, cache: dict | No
 
         return dense_score_mod
     coords = pair_bias.coords
+    # contiguous, not views of one [K, S, 2] tensor: Inductor's CPU template for FlexAttention takes only whole
+    # buffers into its score and mask subgraphs
     rows, cols = _cached(
-        cache, ("coords",), (coords,), lambda: coords[packed.position.clamp(min=0)].unbind(-1)
+        cache,
+        ("coords",),
+        (coords,),
+        lambda: tuple(c.contiguous() for c in coords[packed.position.clamp(min=0)].unbind(-1)),
     )
     table, window = pair_bias.table, pair_bias.window
 
