@@ -13,8 +13,8 @@ With ``dynamic=True`` (default) the SPA graphs are traced with symbolic sizes, s
 (rows, containers) or a new batch size does not recompile. timm's dense blocks, whose sizes change only with
 the batch or image size, get Dynamo's automatic dynamic shapes instead (``dynamic=None``: static sizes first,
 symbolic ones after a size changes): traced with symbolic sizes from the start, timm's Swin block ran slower
-than eager on this project's CPU (measured once, ad hoc: a shifted stage-3 block at batch 8, inference, 41.7
-ms compiled against about 32 ms eager), with static sizes faster (25.4 ms). Blocks of the same class and configuration share their graphs (Dynamo
+than eager on this project's CPU (batch 8, stage 3, inference: 41.7 ms compiled against about 32 ms eager),
+with static sizes faster (25.4 ms). Blocks of the same class and configuration share their graphs (Dynamo
 caches per code object). Compilation is lazy: the first forward through each distinct block configuration
 pays for it (tens of seconds per graph on a small CPU).
 
