@@ -9,14 +9,10 @@ detector or classifier wrapping either, or a single block) rather than the whole
 * every timm ``SwinTransformerBlock`` (stages 1-2 of an SPT, all blocks of a dense Swin): the whole block
   (``nn.Module.compile``). The dense baseline is compiled the same way, so SPT / Swin ratios stay fair.
 
-With ``dynamic=True`` (default) the SPA graphs are traced with symbolic sizes, so a new number of kept tokens
-(rows, containers) or a new batch size does not recompile. timm's dense blocks, whose sizes change only with
-the batch or image size, get Dynamo's automatic dynamic shapes instead (``dynamic=None``: static sizes first,
-symbolic ones after a size changes): traced with symbolic sizes from the start, timm's Swin block ran slower
-than eager on this project's CPU (batch 8, stage 3, inference: 41.7 ms compiled against about 32 ms eager),
-with static sizes faster (25.4 ms). Blocks of the same class and configuration share their graphs (Dynamo
-caches per code object). Compilation is lazy: the first forward through each distinct block configuration
-pays for it (tens of seconds per graph on a small CPU).
+With ``dynamic=True`` (default) the graphs are traced with symbolic sizes, so a new number of kept tokens
+(rows, containers) or a new batch size does not recompile. Blocks of the same class and configuration share
+their graphs (Dynamo caches per code object). Compilation is lazy: the first forward through each distinct
+block configuration pays for it (tens of seconds per graph on a small CPU).
 
 Numerics: compiled kernels may reorder floating-point operations (differences of the order of float32
 rounding), the default eager path is untouched. Compile after copying or loading the model: the state dict is
@@ -98,9 +94,8 @@ def compile_model(model: nn.Module, *, dynamic: bool = True, mode: str | None = 
     Args:
         model: an SPT, a dense Swin baseline (``spa.models.create_backbone('swin_tiny')``), a detector or
             classifier holding one, or a single ``SPABlock`` / timm ``SwinTransformerBlock``.
-        dynamic: trace the SPA blocks with symbolic sizes (kept-token counts, containers, batch size) instead of
-            recompiling for every new size; timm's dense blocks then get automatic dynamic shapes (module
-            docstring). ``False``: static sizes everywhere.
+        dynamic: trace with symbolic sizes (kept-token counts, containers, batch size) instead of recompiling for
+            every new size.
         mode: ``torch.compile`` mode (``None``, ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``).
 
@@ -134,6 +129,6 @@ def compile_model(model: nn.Module, *, dynamic: bool = True, mode: str | None = 
             continue
         if kind == "spa":
             module.__dict__["_kept_update"] = _CompiledKeptUpdate(module, options)
-        else:  # sizes change only with the batch or the image: static until they do
-            module.compile(**{**options, "dynamic": None if dynamic else False})
+        else:
+            module.compile(**options)
     return model
