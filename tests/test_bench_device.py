@@ -159,3 +159,4 @@ def test_cli_backend_takes_a_comma_list(kind, capsys, monkeypatch):
 def test_bench_block_compiled():  # torch.compile: tens of seconds per graph
     records = bench_block(keep_ratios=(0.5,), layouts=("containers",), compile=True, **TINY_BLOCK)
     assert len(records) == 4 and all(r["compiled"] and r["ms"] > 0 for r in records)
+    assert all(r["compiled_dense_static"] for r in records)

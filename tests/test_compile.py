@@ -75,6 +75,17 @@ def test_wrappers_find_the_blocks_of_detectors_and_classifiers(fake_compile):
     assert block._kept_update.options == {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
 
 
+def test_dense_static_compiles_timm_blocks_with_static_sizes(fake_compile):
+    model = create_backbone("spt_nano", img_size=64).eval()
+    spa_blocks, swin_blocks = _blocks(model)
+    compile_model(model, dense_static=True)
+    assert fake_compile == [{"dynamic": False, "mode": None}] * len(swin_blocks)
+    for name in spa_blocks:  # the SPA blocks keep symbolic sizes: their row counts change every call
+        assert model.get_submodule(name)._kept_update.options == {"dynamic": True, "mode": None}
+    with pytest.raises(TypeError, match="dense_static"):
+        compile_model(create_backbone("swin_nano", img_size=64), dense_static="yes")
+
+
 def test_single_blocks_and_idempotence(fake_compile):
     block = SPABlock(16, (14, 14), 2)
     compile_model(block)

@@ -30,7 +30,9 @@ baselines of the same width, random weights, drop path off) on random images.
   timing worker (every model of the worker resident; ``*_peak_mem_delta_mb`` subtracts what was allocated
   before the step). ``backend``: the SPA blocks' attention backend(s); several are timed in the same rounds.
   ``compile=True``: every model, the dense baselines too, goes through ``spa.compile.compile_model``, one
-  compiled copy (same weights) per configuration so that switching configurations never recompiles.
+  compiled copy (same weights) per configuration so that switching configurations never recompiles; timm's dense
+  blocks (all of Swin's, stages 1-2 of an SPT) with static sizes (``dense_static=True``: the input size is
+  fixed here), which records say with ``compiled_dense_static``.
   Records carry ``device``, ``amp``, ``backend``, ``compiled`` and ``env_*`` (GPU name, versions).
 - Stages (``stage_times=True``): every timed inference call also times each stage of the backbone (forward
   pre/post hooks on ``model.layers[i]``; on CUDA a synchronisation at each stage boundary, which the whole-call
@@ -275,7 +277,9 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
         if spec.get("compile"):  # a compiled copy per configuration: its graph never sees another setting
             from spa.compile import compile_model
 
-            timed_model = compile_model(copy.deepcopy(model) if cfg["select"] != "dense" else model)
+            timed_model = compile_model(
+                copy.deepcopy(model) if cfg["select"] != "dense" else model, dense_static=True
+            )
 
         def run(step: Callable, model: nn.Module = timed_model, cfg: dict = cfg) -> Callable[[], None]:
             return lambda: (_configure(model, cfg), step(model, x, bench))
@@ -512,6 +516,7 @@ def _records(
             rounds=spec["rounds"],
             **bench.fields(),
             compiled=bool(spec.get("compile")),
+            compiled_dense_static=bool(spec.get("compile")),
             inputs=f"{len(image_paths)} image files" if image_paths else "random normal",
             **{f"env_{k}": v for k, v in env.items()},
         )

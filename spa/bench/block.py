@@ -60,7 +60,7 @@ def _step(
 def _compiled(block: nn.Module) -> nn.Module:
     from spa.compile import compile_model  # lazy: torch.compile is only paid for when asked
 
-    return compile_model(block)
+    return compile_model(block, dense_static=True)  # one input size: timm's dense block with static sizes
 
 
 def bench_block(
@@ -174,6 +174,7 @@ def bench_block(
             rounds=rounds,
             **bench.fields(),
             compiled=compile,
+            compiled_dense_static=compile,
             evict_cache_mb=evict_cache_mb,
             **{f"env_{k}": v for k, v in env.items()},
         )
