@@ -14,8 +14,9 @@ With ``dynamic=True`` (default) the graphs are traced with symbolic sizes, so a 
 with static sizes instead (their sizes change only with the batch or image size; every new one recompiles):
 at a fixed input size that is much faster on this project's CPU. ``spa bench backbone --models
 spt_tiny,swin_tiny --sizes 224 --batch-sizes 8 --keep-ratios 0.3 --layouts containers --rounds 9 --compile
---no-memory`` (the benchmarks set it) timed compiled Swin-T at 7.47 train / 21.9 inference images/s with
-static dense blocks against 3.30 / 7.47 with symbolic ones, eager being about 7.0 / 19.2. Blocks of the same class and configuration share
+--no-memory`` (the benchmarks set it) timed compiled Swin-T at 7.63 train / 22.5 inference images/s with
+static dense blocks against 3.30 / 7.47 with symbolic ones, eager being about 7.0 / 19.2 (README, "Compiled
+inference"). Blocks of the same class and configuration share
 their graphs (Dynamo caches per code object). Compilation is lazy: the first forward through each distinct
 block configuration pays for it (tens of seconds per graph on a small CPU).
 
