@@ -136,7 +136,9 @@ def compile_model(
     import torch._dynamo
 
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    # torch < 2.7 calls it cache_size_limit
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for _, module, kind in regions:
         if _is_compiled(module, kind):
             continue
