@@ -16,9 +16,9 @@ at a fixed input size that is much faster on this project's CPU. ``spa bench bac
 spt_tiny,swin_tiny --sizes 224 --batch-sizes 8 --keep-ratios 0.3 --layouts containers --rounds 9 --compile
 --no-memory`` (the benchmarks set it) timed compiled Swin-T at 7.63 train / 22.5 inference images/s with
 static dense blocks against 3.30 / 7.47 with symbolic ones, eager being about 7.0 / 19.2 (README, "Compiled
-inference"). Blocks of the same class and configuration share
-their graphs (Dynamo caches per code object). Compilation is lazy: the first forward through each distinct
-block configuration pays for it (tens of seconds per graph on a small CPU).
+inference"). Blocks of the same class and configuration share their graphs (Dynamo caches per code object).
+Compilation is lazy: the first forward through each distinct block configuration pays for it (tens of seconds
+per graph on a small CPU).
 
 Numerics: compiled kernels may reorder floating-point operations (differences of the order of float32
 rounding), the default eager path is untouched. Compile after copying or loading the model: the state dict is

@@ -31,7 +31,7 @@ FEW_ROWS_MIN_WEIGHT = 2**20  # ... and weights of at least this many entries (76
 def few_rows_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``RowsLinear`` computes ``x @ weight.T`` as ``(weight @ x.T).T`` (see the module docstring)."""
     # compiling first: a traced row count is symbolic, and testing it would add a guard (and a recompile when
-    # the kept-token count crosses ``FEW_ROWS``); then what is cheap to test before the shape
+    # the kept-token count crosses ``FEW_ROWS``); then the row count, which rules out most calls (many rows)
     if torch.compiler.is_compiling() or x.dim() != 2 or x.shape[0] >= FEW_ROWS:
         return False
     return (

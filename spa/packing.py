@@ -434,9 +434,7 @@ def _pack(
     if B == 1 and layout != "masked" and total and _ONE_IMAGE_PLAN:
         seq_pos = torch.nonzero_static(seq_keep.view(-1), size=total).squeeze(1)
         packed = _pack_one_image(x, seq_pos, order, length, num_containers, slots, layout)
-        packed.__dict__["_first_padding_slot"] = first_padding  # known from the plan: no sync to find it
-        packed.__dict__["mixed_containers"] = mixed
-        return packed, extra_values
+        return _with_host_plan(packed, first_padding, mixed), extra_values
     # row-major: image by image, in visiting order (the size is known: no sync)
     batch_idx, seq_pos = torch.nonzero_static(seq_keep, size=total).unbind(1)
     token_idx = seq_pos if order is None else order[seq_pos]
@@ -479,10 +477,16 @@ def _pack(
         num_tokens=N,
         length=length,
     )
+    return _with_host_plan(packed, first_padding, mixed), extra_values
+
+
+def _with_host_plan(packed: Packed, first_padding: int, mixed: bool) -> Packed:
+    """``packed`` with what the plan knows on the host cached, so that reading it needs no device sync: the first
+    padding slot (``-1``: not known, ``masked``) and whether a container holds two segments."""
     if first_padding >= 0:
-        packed.__dict__["_first_padding_slot"] = first_padding  # known from the plan: no sync to find it
+        packed.__dict__["_first_padding_slot"] = first_padding
     packed.__dict__["mixed_containers"] = mixed
-    return packed, extra_values
+    return packed
 
 
 def _pack_one_image(
