@@ -318,7 +318,9 @@ def pack(
         order: visiting order of the tokens (indices into ``N``), e.g. Swin window order; tokens not in it
             must not be kept. Default: ``0..N-1``.
         check_order: check that ``order`` holds distinct indices in range (a few reductions per call);
-            ``SPABlock`` turns it off for the window order it builds and caches itself.
+            ``SPABlock`` turns it off for the window order it builds and caches itself. Unchecked, a bad
+            ``order`` is the caller's error: an index out of range raises ``IndexError``, a repeated one
+            packs that token twice.
 
     Returns:
         A ``Packed`` with the tokens and the plan to ``unpack`` results. Zero kept tokens give zero

@@ -201,6 +201,17 @@ def test_unchecked_order_packs_the_same(case, layout):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 
+def test_unchecked_bad_order_is_the_documented_caller_error():
+    x = torch.arange(4.0).view(1, 4, 1)
+    keep = torch.tensor([[True, True, False, False]])
+    repeated = pack(x, keep, 4, order=torch.tensor([0, 0, 1, 2]), check_order=False)
+    assert repeated.tokens.flatten().tolist() == [0.0, 0.0, 1.0]  # token 0 packed twice
+    with pytest.raises(IndexError):
+        pack(x, keep, 4, order=torch.tensor([0, 1, 5]), check_order=False)
+    with pytest.raises(ValueError, match="must not repeat"):
+        pack(x, keep, 4, order=torch.tensor([0, 0, 1, 2]))
+
+
 def test_masked_layout_does_not_gather():
     x = torch.randn(2, 9, 3)
     keep = torch.rand(2, 9) < 0.5
