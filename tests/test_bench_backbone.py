@@ -96,6 +96,50 @@ def test_cli_quick_with_trained_gate(tmp_path):
     assert all(r["env_flush_denormal"] is False for r in records)
 
 
+def test_spt_depths_times_the_spt_at_other_depths(tmp_path):
+    """``--spt-depths``: every SPT configuration at each depth tuple (same keep ratio), the dense baseline
+    once at its own depths; fewer blocks count fewer GMACs; records and table say the depths."""
+    out = tmp_path / "bb.json"
+    argv = ["bench", "backbone", "--models", "spt_nano", "--quick", "--no-memory", "--sizes", "64"]
+    argv += ["--batch-sizes", "1", "--keep-ratios", "0.5", "--layouts", "containers", "--rounds", "1"]
+    assert main([*argv, "--spt-depths", "1-1-3-1,1-1-1-1", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    _check(records)
+    assert [(r["model"], r["depths"]) for r in records] == [
+        ("swin_nano", None),
+        ("spt_nano", [1, 1, 3, 1]),
+        ("spt_nano", [1, 1, 1, 1]),
+    ]
+    own, shallow = records[1], records[2]
+    assert shallow["gmacs_executed"] < own["gmacs_executed"]
+    table = format_backbone_table(records)
+    assert "| model | depths |" in table and "| spt_nano | 1-1-1-1 | 64 |" in table
+    assert "| swin_nano | default | 64 |" in table
+    # without the option: no depths column
+    assert "depths" not in format_backbone_table([{**r, "depths": None} for r in records])
+
+
+@pytest.mark.parametrize(
+    ("spt_depths", "models", "match"),
+    [
+        ([(1, 1, 3)], ["spt_nano"], "must be non-empty and of equal length"),
+        ([(1, 0, 3, 1)], ["spt_nano"], ">= 1"),
+        ([(1, 1, 2, 1)], ["swin_nano"], "needs SPT models"),
+        ([], ["spt_nano"], "at least one depth tuple"),
+    ],
+)
+def test_bad_spt_depths(spt_depths, models, match):
+    with pytest.raises(ValueError, match=match):
+        bench_backbone(models=models, sizes=[64], batch_sizes=[1], spt_depths=spt_depths)
+
+
+@pytest.mark.parametrize("text", ["1-1-x-1", "1-1-0-1", ",", "2--2"])
+def test_cli_spt_depths_is_checked_by_argparse(text, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "backbone", "--models", "spt_nano", "--spt-depths", text])
+    assert exit_.value.code == 2 and "dash-joined" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -18,7 +18,9 @@ baselines of the same width, random weights, drop path off) on random images.
   train step); ``peak_rss_mb`` is that process's ``ru_maxrss`` (so it includes Python + torch; ``base_rss_mb`` is
   the peak after the imports, ``peak_rss_delta_mb`` the difference), ``infer_peak_rss_mb`` the peak after inference only.
 - Configurations: ``select='topk'`` at forced keep ratios (default 1.0/0.5/0.3/0.2) for each layout
-  (``containers``, and ``stream``/``padded``/``masked`` as peer baselines); ``select='gate'`` (the trained
+  (``containers``, and ``stream``/``padded``/``masked`` as peer baselines), at the SPT's own depths or at each
+  of ``spt_depths`` (e.g. Swin-T's 2-2-6-2 for ``spt_tiny`` instead of the spec's 2-2-10-2: records say
+  ``depths``, None for a model's own; the dense baseline keeps its depths); ``select='gate'`` (the trained
   gate, ``keep_ratio`` = measured kept fraction) for the backbone of a detection checkpoint
   (``--checkpoint``); ``select='dense'``, ``layout='dense'`` for the timm Swin baselines.
 - Inputs: random normal images, or ``--images`` (files/folders, cycled to fill the batch, resized to the size,
@@ -88,9 +90,11 @@ def _backbone_configs(
     checkpoint_model: str | None,
     backends: Sequence[str] = ("auto",),
     keep_threshold: float | None = None,
+    spt_depths: Sequence[tuple[int, ...] | None] = (None,),
 ) -> list[dict]:
     """Configurations to time in one (size, batch) worker; every SPT width gets its dense baseline. SPT
-    configurations run for every attention backend of ``backends``; dense ones have ``backend`` None."""
+    configurations run for every attention backend of ``backends`` and every depth tuple of ``spt_depths``
+    (None: the model's own); dense ones have ``backend`` and ``depths`` None."""
     from spa.models import dense_baseline_of, is_spt_name, list_backbones
 
     configs: list[dict] = []
@@ -99,13 +103,14 @@ def _backbone_configs(
         if name not in list_backbones():
             raise ConfigError(f"unknown backbone {name!r}; choose from {list_backbones()}")
         if is_spt_name(name):
-            for backend in backends:
-                for layout in layouts:
-                    for ratio in keep_ratios:
-                        configs.append(
-                            {"model": name, "select": "topk", "keep_ratio": float(ratio), "layout": layout,
-                             "backend": backend}
-                        )  # fmt: skip
+            for depths in spt_depths:
+                for backend in backends:
+                    for layout in layouts:
+                        for ratio in keep_ratios:
+                            configs.append(
+                                {"model": name, "select": "topk", "keep_ratio": float(ratio), "layout": layout,
+                                 "backend": backend, "depths": None if depths is None else list(depths)}
+                            )  # fmt: skip
         if dense_baseline_of(name) not in dense:
             dense.append(dense_baseline_of(name))
     if checkpoint:
@@ -123,6 +128,7 @@ def _backbone_configs(
     for cfg in configs:
         cfg.setdefault("checkpoint", None)
         cfg.setdefault("keep_threshold", None)
+        cfg.setdefault("depths", None)
         cfg["dense_model"] = dense_baseline_of(cfg["model"])
     return configs
 
@@ -140,6 +146,8 @@ def _build_backbone(cfg: dict, size: int) -> nn.Module:
             set_keep_threshold(body, cfg["keep_threshold"])
         return body
     options = {} if cfg["select"] == "dense" else {"select": "topk", "keep_ratio": cfg["keep_ratio"]}
+    if cfg.get("depths") is not None:
+        options["depths"] = tuple(cfg["depths"])
     return create_backbone(cfg["model"], features_only=True, img_size=size, drop_path_rate=0.0, **options)
 
 
@@ -259,7 +267,8 @@ def _worker_time(spec: dict, progress: Callable[[str], None]) -> dict:
     runs: dict[tuple[int, str], Callable[[], None]] = {}
     stages = _StageClock(bench.sync) if spec.get("stage_times") else None
     for i, cfg in enumerate(spec["configs"]):
-        key = (cfg["model"], cfg["select"] == "dense", cfg.get("checkpoint"))
+        depths = tuple(cfg["depths"]) if cfg.get("depths") is not None else None
+        key = (cfg["model"], cfg["select"] == "dense", cfg.get("checkpoint"), depths)
         if key not in models:
             models[key] = _build_backbone(cfg, size).to(bench.device)
         model = models[key]
@@ -379,6 +388,7 @@ def bench_backbone(
     keep_threshold: float | None = None,
     stage_times: bool = False,
     denormals: str = "flush",
+    spt_depths: Sequence[Sequence[int]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Benchmark whole backbones (``features_only`` SPT vs timm Swin of the same width); see the module docstring.
@@ -390,6 +400,8 @@ def bench_backbone(
     ``stage_times``: also ``infer_stage_ms`` / ``infer_stage_ratio_to_dense`` per stage (module docstring).
     ``denormals``: ``flush`` (default) or ``keep`` float32 denormals in the timed processes (``set_denormals``:
     timm's shifted windows make denormals on CPU, SPA blocks do not; records say ``env_flush_denormal``).
+    ``spt_depths``: time every SPT configuration at each of these stage depths (e.g. ``[(2, 2, 6, 2)]``)
+    instead of the model's own; records say ``depths``.
     """
     import tempfile
 
@@ -415,6 +427,7 @@ def bench_backbone(
         raise ConfigError(f"denormals must be one of {DENORMAL_MODES}, got {denormals!r}")
     if keep_threshold is not None and (checkpoint is None or not 0.0 < keep_threshold < 1.0):
         raise ConfigError(f"keep_threshold needs a checkpoint and must be in (0, 1), got {keep_threshold}")
+    depth_options = _check_spt_depths(models, spt_depths)
     checkpoint_model = None
     if checkpoint is not None:
         from spa.engine.checkpoint import load_checkpoint
@@ -436,7 +449,7 @@ def bench_backbone(
 
         image_paths = [str(p) for p in _image_paths([str(i) for i in images])]
     configs = _backbone_configs(
-        models, keep_ratios, layouts, checkpoint, checkpoint_model, backends, keep_threshold
+        models, keep_ratios, layouts, checkpoint, checkpoint_model, backends, keep_threshold, depth_options
     )
     load = round(os.getloadavg()[0], 2)  # other work on the machine makes timings noisy
     rss_memory = memory and not bench.is_cuda  # on CUDA the timing worker records GPU peak memory instead
@@ -468,6 +481,36 @@ def bench_backbone(
                         rss.append(dict.fromkeys(_RSS_KEYS))
                 records += _records(configs, out, rss, spec, bench, load, image_paths)
     return records
+
+
+def _check_spt_depths(
+    models: Sequence[str], spt_depths: Sequence[Sequence[int]] | None
+) -> list[tuple[int, ...] | None]:
+    """``bench_backbone``'s ``spt_depths`` as the depth options of its SPT configurations (``[None]``: the
+    models' own); a ``ConfigError`` for an empty list, a non-positive depth, a stage count an SPT model of
+    ``models`` does not have, or no SPT model to apply them to."""
+    if spt_depths is None:
+        return [None]
+    from spa.models import create_backbone, is_spt_name, list_backbones
+
+    if any(m not in list_backbones() for m in models):
+        return [None]  # _backbone_configs names the unknown model
+    depths = [tuple(d) for d in spt_depths]
+    spt = [m for m in models if is_spt_name(m)]
+    if not depths or not spt:
+        raise ConfigError(
+            f"spt_depths needs SPT models and at least one depth tuple, got {depths} for {models}"
+        )
+    for d in depths:
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in d):
+            raise ConfigError(f"spt_depths: every stage needs a whole number of blocks >= 1, got {d}")
+        for name in spt:
+            try:  # the model's own check (one depth per stage), on the meta device: no weights made
+                with torch.device("meta"):
+                    create_backbone(name, num_classes=0, depths=d)
+            except ValueError as err:
+                raise ConfigError(f"spt_depths {d} for {name}: {err}") from None
+    return depths
 
 
 _RSS_KEYS = ("base_rss_mb", "infer_peak_rss_mb", "peak_rss_mb", "peak_rss_delta_mb")
@@ -542,7 +585,8 @@ def _stage_fields(res: dict, ref: dict) -> dict:
 
 def format_backbone_table(records: list[dict]) -> str:
     """Markdown table of ``bench_backbone`` records (time ratios: SPT time / dense time, lower is faster); a
-    backend column when several backends were timed, GPU peak memory (train step) on CUDA."""
+    backend column when several backends were timed, a depths column with ``spt_depths``, GPU peak memory
+    (train step) on CUDA."""
     backends = len({r.get("backend") for r in records if r["select"] != "dense"}) > 1
     gpu = any(r.get("train_peak_mem_mb") is not None for r in records)
     head = "| model | size | batch | select | keep | layout |" + (" backend |" if backends else "")
@@ -550,14 +594,19 @@ def format_backbone_table(records: list[dict]) -> str:
     head += " train peak GPU MB | infer peak GPU MB |" if gpu else " peak RSS MB |"
     stages = any(r.get("infer_stage_ratio_to_dense") for r in records)
     head += " infer t/dense per stage |" if stages else ""
+    depth_column = any(r.get("depths") for r in records)  # spt_depths: the depths each row ran at
+    head = head.replace("| model |", "| model | depths |", 1) if depth_column else head
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         if gpu:
             memory = f" {r.get('train_peak_mem_mb') or 0:.0f} | {r.get('infer_peak_mem_mb') or 0:.0f} |"
         else:
             memory = " " + ("" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}") + " |"
+        depths = "-".join(map(str, r["depths"])) if r.get("depths") else "default"
         lines.append(
-            f"| {r['model']} | {r['size']} | {r['batch_size']} | {r['select']} | {r['keep_ratio']:.2f} "
+            f"| {r['model']} |"
+            + (f" {depths} |" if depth_column else "")
+            + f" {r['size']} | {r['batch_size']} | {r['select']} | {r['keep_ratio']:.2f} "
             f"| {r['layout']} |"
             + (f" {r.get('backend') or 'timm'} |" if backends else "")
             + f" {r['gmacs_kept']:.3f} | {r['gmacs_executed']:.3f} | {r['train_img_s']:.2f} "

@@ -53,6 +53,19 @@ def _backends(text: str) -> list[str]:
     return names
 
 
+def _depth_lists(text: str) -> list[tuple[int, ...]]:
+    """``--spt-depths``: a comma list of dash-joined stage depths, e.g. ``2-2-6-2,2-2-10-2``."""
+    try:
+        depths = [tuple(int(v) for v in item.split("-")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        depths = []
+    if not depths or any(v < 1 for d in depths for v in d):
+        raise argparse.ArgumentTypeError(
+            f"expected dash-joined block counts >= 1 per stage, comma list (e.g. 2-2-6-2), got {text!r}"
+        )
+    return depths
+
+
 def _run_block(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")  # before the timing, not after it
     # user errors are one line, before anything is set
@@ -114,6 +127,7 @@ def _run_backbone(args: argparse.Namespace) -> int:
         compile=args.compile,
         stage_times=args.stage_times,
         denormals=args.denormals,
+        spt_depths=args.spt_depths,
         progress=lambda msg: print(f"[bench backbone] {msg}", flush=True),
     )
     print(format_backbone_table(records))
@@ -286,6 +300,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also time each stage of every inference call (forward hooks; columns infer_stage_ms, "
         "infer_stage_ratio_to_dense; on CUDA a synchronisation per stage)",
+    )
+    bb.add_argument(
+        "--spt-depths",
+        type=_depth_lists,
+        default=None,
+        help="time the SPT at these stage depths instead of its own, dash-joined per configuration, comma "
+        "list (e.g. 2-2-6-2 = Swin-T's, against spt_tiny's 2-2-10-2; the dense baseline keeps its depths; "
+        "records and table say depths)",
     )
     bb.add_argument("--quick", action="store_true", help="fewer rounds, small sizes (for tests)")
     bb.add_argument("--json", help="write the list of records to this JSON file")
