@@ -242,6 +242,9 @@ def test_unreadable_checkpoints_are_reported(tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not an spa checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+    # the hint fits every verb that reads checkpoints (eval/predict: --checkpoint), not only train --resume
+    with pytest.raises(CheckpointError, match="spa train --pretrained, not to --resume or --checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
 
 
 def test_model_is_never_half_loaded():

@@ -124,7 +124,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(
             f"{path} is not an spa checkpoint (no 'model' entry); to start a run from Swin (or other "
-            "backbone) weights, pass it as spa train --pretrained instead of --resume"
+            "backbone) weights, pass them to spa train --pretrained, not to --resume or --checkpoint"
         )
     return state
 
