@@ -400,8 +400,8 @@ def bench_backbone(
     ``stage_times``: also ``infer_stage_ms`` / ``infer_stage_ratio_to_dense`` per stage (module docstring).
     ``denormals``: ``flush`` (default) or ``keep`` float32 denormals in the timed processes (``set_denormals``:
     timm's shifted windows make denormals on CPU, SPA blocks do not; records say ``env_flush_denormal``).
-    ``spt_depths``: time every SPT configuration at each of these stage depths (e.g. ``[(2, 2, 6, 2)]``)
-    instead of the model's own; records say ``depths``.
+    ``spt_depths``: time every forced-keep-ratio SPT configuration at each of these stage depths (e.g.
+    ``[(2, 2, 6, 2)]``) instead of the model's own (a checkpoint's gate keeps its own); records say ``depths``.
     """
     import tempfile
 
@@ -589,13 +589,13 @@ def format_backbone_table(records: list[dict]) -> str:
     (train step) on CUDA."""
     backends = len({r.get("backend") for r in records if r["select"] != "dense"}) > 1
     gpu = any(r.get("train_peak_mem_mb") is not None for r in records)
-    head = "| model | size | batch | select | keep | layout |" + (" backend |" if backends else "")
+    depth_column = any(r.get("depths") for r in records)  # spt_depths: the depths each row ran at
+    head = "| model |" + (" depths |" if depth_column else "") + " size | batch | select | keep | layout |"
+    head += " backend |" if backends else ""
     head += " GMACs kept | GMACs exec | train img/s | infer img/s | train t/dense | infer t/dense |"
     head += " train peak GPU MB | infer peak GPU MB |" if gpu else " peak RSS MB |"
     stages = any(r.get("infer_stage_ratio_to_dense") for r in records)
     head += " infer t/dense per stage |" if stages else ""
-    depth_column = any(r.get("depths") for r in records)  # spt_depths: the depths each row ran at
-    head = head.replace("| model |", "| model | depths |", 1) if depth_column else head
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         if gpu:
